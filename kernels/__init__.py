@@ -1,0 +1,1 @@
+"""GPU kernel sources: Triton kernels (triton/) and CUDA kernels (cuda/)."""

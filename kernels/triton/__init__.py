@@ -1,0 +1,1 @@
+"""Triton kernels. Each op sits beside its torch reference in tsvmerge.primitives."""

@@ -1,0 +1,50 @@
+"""What a backend provides to the methods. Methods never know which backend runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import primitives as P
+
+
+@dataclass
+class TaskSVD:
+    """Top-k factors of every task matrix of a batch: tau_{l,t} ~= u diag(s) v^T."""
+    u: torch.Tensor        # [L, T, m, k]
+    s: torch.Tensor        # [L, T, k], descending
+    v: torch.Tensor        # [L, T, n, k]
+    energy: torch.Tensor   # [L, T]: kept sum s^2 over the exact top-k sum s^2 (1.0 when exact)
+
+
+class Backend:
+    """Exact, device-agnostic defaults; fast backends override the expensive steps."""
+
+    name = "base"
+
+    def __init__(self, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
+                 seed: int = 0, **options):
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.seed = int(seed)
+        self.options = options
+
+    # -- spectral steps -------------------------------------------------------------
+    def task_svd(self, finetuned: torch.Tensor, base: torch.Tensor, k: int) -> TaskSVD:
+        """finetuned [L, T, m, n], base [L, m, n] -> top-k factors of each theta_i - theta_0."""
+        raise NotImplementedError
+
+    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes") -> torch.Tensor:
+        """Orthogonal factor of concatenated panels x [L, m, K]."""
+        if how == "procrustes":
+            return P.polar(x)
+        if how == "whiten":
+            return P.whiten(x)
+        raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
+
+    def lowrank_apply(self, base, u, s, v, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+        return P.lowrank_apply(base, u, s, v, alpha, out_dtype)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device),
+                "compute_dtype": str(self.compute_dtype).replace("torch.", ""), "seed": self.seed}

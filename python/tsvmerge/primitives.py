@@ -1,0 +1,91 @@
+"""Engine primitives in plain torch.
+
+Each function here is the reference for a fast version (Triton in `tsvmerge.kernels.triton`,
+CUDA in `tsvmerge.kernels.cuda`); the tests compare the two on random inputs. Shapes are
+batched: `L` layers of one shape group, `T` tasks, matrices `m x n`.
+"""
+from __future__ import annotations
+
+import torch
+
+# The paper's clamp for the whitening route: 1 / (sqrt(|lambda|) + eps).
+WHITEN_EPS = 1e-12
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp64 stays fp64, everything else computes in fp32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def delta_matmul(finetuned: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(theta_i - theta_0) @ x for every layer and task.
+
+    finetuned [L, T, m, n], base [L, m, n], x [L, T, n, c] -> [L, T, m, c] (fp32 accumulate).
+    """
+    tau = _acc(finetuned) - _acc(base).unsqueeze(1)
+    return tau @ x.to(tau.dtype)
+
+
+def delta_matmul_t(finetuned: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(theta_i - theta_0)^T @ y: finetuned [L, T, m, n], y [L, T, m, c] -> [L, T, n, c]."""
+    tau = _acc(finetuned) - _acc(base).unsqueeze(1)
+    return tau.transpose(-1, -2) @ y.to(tau.dtype)
+
+
+def gaussian_sketch(n: int, c: int, seed: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Seeded standard-normal test matrix Omega [n, c], shared by every matrix of a batch."""
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(n, c, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """x^T x for a batch of panels x [..., m, K] -> [..., K, K] (fp32 accumulate)."""
+    x = _acc(x)
+    return x.transpose(-1, -2) @ x
+
+
+def inv_sqrt_psd(g: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """g^(-1/2) for symmetric PSD g [..., K, K], clamped as 1/(sqrt(|lambda|) + eps)."""
+    w, q = torch.linalg.eigh(g)
+    scale = 1.0 / (w.abs().sqrt() + eps)
+    return (q * scale.unsqueeze(-2)) @ q.transpose(-1, -2)
+
+
+def polar(x: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor P Q^T of x = P S Q^T (the orthogonal Procrustes solution)."""
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def whiten(x: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
+    """x (x^T x)^(-1/2): equals polar(x) when x has full column rank."""
+    return x @ inv_sqrt_psd(gram(x).to(x.dtype), eps).to(x.dtype)
+
+
+def orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of the columns of tall-skinny y [..., m, c] (Cholesky-QR2).
+
+    Two Cholesky-QR passes give orthogonality to working precision when cond(y) is below
+    about 1/sqrt(eps); where the Gram matrix is not positive definite, fall back to
+    Householder QR for the whole batch.
+    """
+    q = y
+    for _ in range(2):
+        g = gram(q)
+        low, info = torch.linalg.cholesky_ex(g)
+        if bool((info != 0).any()):
+            return torch.linalg.qr(y)[0]
+        q = torch.linalg.solve_triangular(low.transpose(-1, -2).to(q.dtype), q, upper=True, left=False)
+    return q
+
+
+def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenpairs of symmetric a [..., c, c], eigenvalues ascending (torch's convention)."""
+    return torch.linalg.eigh(a)
+
+
+def lowrank_apply(base: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
+                  alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """cast(theta_0 + alpha * U diag(s) V^T): base [L, m, n], u [L, m, K], s [L, K], v [L, n, K]."""
+    delta = (_acc(u) * _acc(s).unsqueeze(-2)) @ _acc(v).transpose(-1, -2)
+    return (_acc(base) + alpha * delta).to(out_dtype)

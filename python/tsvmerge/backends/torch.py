@@ -1,0 +1,97 @@
+"""Randomized, batched truncated SVD in pure torch ops (CPU and CUDA).
+
+One shape group (L layers x T tasks) goes through one batched Halko-Martinsson-Tropp range
+finder. Fast backends subclass this and override the hooks (`sketch`, `delta_matmul`,
+`delta_matmul_t`, `orthonormalize`, `sym_eigh`, `gram`, `lowrank_apply`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import primitives as P
+from .base import Backend, TaskSVD
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, *, svd="randomized",
+                 oversample=10, power_iters=2, energy_estimate=True, **options):
+        super().__init__(device, compute_dtype, seed, **options)
+        if svd not in ("randomized", "exact"):
+            raise ValueError(f"svd must be 'randomized' or 'exact', not {svd!r}")
+        self.svd = svd
+        self.oversample = int(oversample)
+        self.power_iters = int(power_iters)
+        self.energy_estimate = bool(energy_estimate)
+
+    # -- hooks ------------------------------------------------------------------------
+    def sketch(self, finetuned, base, c):
+        omega = P.gaussian_sketch(finetuned.shape[-1], c, self.seed, finetuned.device, self.compute_dtype)
+        return self.delta_matmul(finetuned, base, omega.expand(*finetuned.shape[:2], -1, -1))
+
+    def delta_matmul(self, finetuned, base, x):
+        return P.delta_matmul(finetuned, base, x)
+
+    def delta_matmul_t(self, finetuned, base, y):
+        return P.delta_matmul_t(finetuned, base, y)
+
+    def orthonormalize(self, y):
+        return P.orthonormalize(y)
+
+    def sym_eigh(self, a):
+        return P.sym_eigh(a)
+
+    def gram(self, x):
+        return P.gram(x)
+
+    def orthogonalize(self, x, how="procrustes"):
+        if how == "whiten":
+            return x @ P.inv_sqrt_psd(self.gram(x)).to(x.dtype)
+        return super().orthogonalize(x, how)
+
+    # -- the range finder -------------------------------------------------------------
+    def task_svd(self, finetuned, base, k):
+        if self.svd == "exact":
+            return self._exact_svd(finetuned, base, k)
+        m, n = finetuned.shape[-2:]
+        c = min(k + self.oversample, m, n)
+        q = self.orthonormalize(self.sketch(finetuned, base, c))           # [L, T, m, c]
+        for _ in range(self.power_iters):
+            z = self.orthonormalize(self.delta_matmul_t(finetuned, base, q))  # [L, T, n, c]
+            q = self.orthonormalize(self.delta_matmul(finetuned, base, z))
+        bt = self.delta_matmul_t(finetuned, base, q)                      # B^T = tau^T Q  [L, T, n, c]
+        # Small SVD of B through eigh of B B^T (c x c), eigenvalues ascending.
+        lam, w = self.sym_eigh(bt.transpose(-1, -2) @ bt)
+        lam, w = lam.flip(-1)[..., :k].clamp_min(0), w.flip(-1)[..., :k]
+        s = lam.sqrt()
+        u = q @ w
+        v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
+        energy = self._captured_energy(finetuned, base, q, bt, s, k) if self.energy_estimate else None
+        return TaskSVD(u, s, v, energy)
+
+    def _exact_svd(self, finetuned, base, k):
+        tau = finetuned.to(self.compute_dtype) - base.to(self.compute_dtype).unsqueeze(1)
+        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+        energy = torch.ones(s.shape[:-1], dtype=torch.float64)
+        return TaskSVD(u[..., :k], s[..., :k], vh[..., :k, :].transpose(-1, -2), energy)
+
+    def _captured_energy(self, finetuned, base, q, bt, s, k, iters=3, block=4):
+        """Estimate kept sum s^2 / exact top-k sum s^2 without the exact SVD.
+
+        By Weyl, sigma_i(A)^2 <= sigma_i(QQ^T A)^2 + ||(I - QQ^T) A||_2^2, so the exact
+        top-k energy is at most kept + k * ||R||_2^2 (and at most kept + ||R||_F^2). The
+        residual's spectral norm comes from a few block power iterations on R.
+        """
+        kept = (s.double() ** 2).sum(-1)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+        x = torch.randn(*finetuned.shape[:2], finetuned.shape[-1], block, generator=gen)
+        x = x.to(q.device, q.dtype)
+        for _ in range(iters):
+            x = self.orthonormalize(x)
+            y = self.delta_matmul(finetuned, base, x)
+            y = y - q @ (q.transpose(-1, -2) @ y)                           # R x
+            x = self.delta_matmul_t(finetuned, base, y) - bt @ (q.transpose(-1, -2) @ y)  # R^T R x
+        r2 = torch.linalg.svdvals(x.double())[..., 0]                      # ~ ||R||_2^2: x = R^T R (orthonormal)
+        upper = kept + k * r2
+        return (kept / upper.clamp_min(1e-300)).clamp(max=1.0).cpu()

@@ -39,8 +39,11 @@ class Backend:
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            return P.whiten(x)
+            return x @ P.inv_sqrt_psd(self.gram(x)).to(x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
+
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
+        return P.gram(x)
 
     def lowrank_apply(self, base, u, s, v, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
         return P.lowrank_apply(base, u, s, v, alpha, out_dtype)

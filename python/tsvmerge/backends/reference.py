@@ -6,11 +6,16 @@ import torch
 from .base import Backend, TaskSVD
 
 
+def exact_task_svd(finetuned, base, k, dtype) -> TaskSVD:
+    """Top-k of the full SVD of every tau = theta_i - theta_0."""
+    tau = finetuned.to(dtype) - base.to(dtype).unsqueeze(1)
+    u, s, vh = torch.linalg.svd(tau, full_matrices=False)
+    energy = torch.ones(s.shape[:-1], dtype=torch.float64)
+    return TaskSVD(u[..., :k], s[..., :k], vh[..., :k, :].transpose(-1, -2), energy)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
     def task_svd(self, finetuned, base, k):
-        tau = finetuned.to(self.compute_dtype) - base.to(self.compute_dtype).unsqueeze(1)
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        energy = torch.ones(s.shape[:-1], dtype=torch.float64)
-        return TaskSVD(u[..., :k], s[..., :k], vh[..., :k, :].transpose(-1, -2), energy)
+        return exact_task_svd(finetuned, base, k, self.compute_dtype)

@@ -10,6 +10,7 @@ import torch
 
 from .. import primitives as P
 from .base import Backend, TaskSVD
+from .reference import exact_task_svd
 
 
 class TorchBackend(Backend):
@@ -42,18 +43,10 @@ class TorchBackend(Backend):
     def sym_eigh(self, a):
         return P.sym_eigh(a)
 
-    def gram(self, x):
-        return P.gram(x)
-
-    def orthogonalize(self, x, how="procrustes"):
-        if how == "whiten":
-            return x @ P.inv_sqrt_psd(self.gram(x)).to(x.dtype)
-        return super().orthogonalize(x, how)
-
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):
         if self.svd == "exact":
-            return self._exact_svd(finetuned, base, k)
+            return exact_task_svd(finetuned, base, k, self.compute_dtype)
         m, n = finetuned.shape[-2:]
         c = min(k + self.oversample, m, n)
         q = self.orthonormalize(self.sketch(finetuned, base, c))           # [L, T, m, c]
@@ -69,12 +62,6 @@ class TorchBackend(Backend):
         v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
         energy = self._captured_energy(finetuned, base, q, bt, s, k) if self.energy_estimate else None
         return TaskSVD(u, s, v, energy)
-
-    def _exact_svd(self, finetuned, base, k):
-        tau = finetuned.to(self.compute_dtype) - base.to(self.compute_dtype).unsqueeze(1)
-        u, s, vh = torch.linalg.svd(tau, full_matrices=False)
-        energy = torch.ones(s.shape[:-1], dtype=torch.float64)
-        return TaskSVD(u[..., :k], s[..., :k], vh[..., :k, :].transpose(-1, -2), energy)
 
     def _captured_energy(self, finetuned, base, q, bt, s, k, iters=3, block=4):
         """Estimate kept sum s^2 / exact top-k sum s^2 without the exact SVD.

@@ -1,0 +1,237 @@
+"""Lazy checkpoint readers: names, shapes and dtypes first, one tensor's data on demand.
+
+`open_checkpoint` accepts a state dict, a safetensors file, a PyTorch `.pt/.bin/.pth`
+state dict, a Hugging Face folder (single file or sharded with an index json), or a
+TSV-C compressed task written by `tsvmerge.compress`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import torch
+
+from .errors import InputError
+from .safetensors import TensorInfo, read_header, read_tensor
+
+TSVC_FORMAT = "tsvmerge.tsvc"
+
+
+class Checkpoint:
+    """A source of named tensors. `read` returns fresh memory; `release` drops any cache."""
+
+    source: str = "<memory>"
+    # A TSV-C task stores task vectors (deltas), some as low-rank factors.
+    is_delta = False
+
+    def infos(self) -> dict[str, TensorInfo]:
+        raise NotImplementedError
+
+    def read(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def factors(self, name: str):
+        """(u [m,k], s [k], v [n,k]) when the tensor is stored factored, else None."""
+        return None
+
+    def release(self) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name, info in sorted(self.infos().items()):
+            h.update(f"{name}:{info.shape}:{info.dtype};".encode())
+        return h.hexdigest()[:16]
+
+
+class DictCheckpoint(Checkpoint):
+    def __init__(self, tensors: dict, source: str = "<state dict>"):
+        self.source = source
+        bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise InputError(source, bad[0], f"is a {type(tensors[bad[0]]).__name__}, not a tensor")
+        self._tensors = tensors
+
+    def infos(self):
+        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+
+    def read(self, name):
+        return self._tensors[name].detach().to("cpu")
+
+
+class SafetensorsFile(Checkpoint):
+    def __init__(self, path: str):
+        self.source = path
+        self._entries, self.metadata, _ = read_header(path)
+
+    def infos(self):
+        return {k: info for k, (info, _) in self._entries.items()}
+
+    def read(self, name):
+        info, offset = self._entries[name]
+        return read_tensor(self.source, info, offset)
+
+    def fingerprint(self):
+        h = hashlib.sha256(super().fingerprint().encode())
+        h.update(str(os.path.getsize(self.source)).encode())
+        return h.hexdigest()[:16]
+
+
+class TorchFile(Checkpoint):
+    """A pickled state dict, loaded with weights_only=True and memory-mapped.
+
+    The mapping is dropped on `release`, so the pages a batch touched leave RSS with it.
+    """
+
+    def __init__(self, path: str):
+        self.source = path
+        self._sd = None
+        self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._load().items()}
+        self.release()
+
+    def _load(self):
+        if self._sd is None:
+            try:
+                try:
+                    obj = torch.load(self.source, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    obj = torch.load(self.source, map_location="cpu", weights_only=True)  # legacy format
+            except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+                raise InputError(self.source, None, f"cannot load as a PyTorch state dict: {e}") from None
+            if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+                obj = obj["state_dict"]
+            if not isinstance(obj, dict) or not obj:
+                raise InputError(self.source, None, "does not hold a state dict (a dict of tensors)")
+            bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+            if bad:
+                raise InputError(self.source, bad[0], f"is a {type(obj[bad[0]]).__name__}, not a tensor")
+            self._sd = obj
+        return self._sd
+
+    def infos(self):
+        return self._infos
+
+    def read(self, name):
+        return self._load()[name].clone()
+
+    def release(self):
+        self._sd = None
+
+
+class ShardedFolder(Checkpoint):
+    """A Hugging Face folder: `*.index.json` mapping names to shard files."""
+
+    def __init__(self, folder: str, index_path: str):
+        self.source = folder
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(index_path, None, f"not a valid index json ({e})") from None
+        self._shards = {}
+        self._where = {}
+        for name, shard in weight_map.items():
+            if shard not in self._shards:
+                path = os.path.join(folder, shard)
+                if not os.path.exists(path):
+                    raise InputError(index_path, name, f"its shard {shard} is missing")
+                self._shards[shard] = _open_file(path)
+            self._where[name] = self._shards[shard]
+        for shard, ckpt in self._shards.items():
+            listed = {n for n, s in weight_map.items() if s == shard}
+            for name in listed - set(ckpt.infos()):
+                raise InputError(ckpt.source, name, "listed in the index but not in the shard")
+
+    def infos(self):
+        return {name: ckpt.infos()[name] for name, ckpt in self._where.items()}
+
+    def read(self, name):
+        return self._where[name].read(name)
+
+    def release(self):
+        for ckpt in self._shards.values():
+            ckpt.release()
+
+
+class CompressedTask(Checkpoint):
+    """A TSV-C task: low-rank factors for spectral tensors, dense task vectors for the rest.
+
+    `store` holds tensors `NAME.tsvc_u/_s/_v` for factored names and `NAME` otherwise;
+    `metadata["spectral"]` maps factored names to their full shapes.
+    """
+
+    is_delta = True
+
+    def __init__(self, store: Checkpoint, metadata: dict):
+        self.store, self.metadata, self.source = store, metadata, store.source
+        try:
+            self.shapes = {name: tuple(shape) for name, shape in json.loads(metadata["spectral"]).items()}
+        except (KeyError, ValueError, TypeError):
+            raise InputError(self.source, None, "TSV-C file without a valid 'spectral' metadata entry") from None
+
+    def infos(self):
+        out = {}
+        for name, info in self.store.infos().items():
+            if name.endswith((".tsvc_s", ".tsvc_v")):
+                continue
+            if name.endswith(".tsvc_u"):
+                name = name[: -len(".tsvc_u")]
+                info = TensorInfo(self.shapes[name], info.dtype)
+            out[name] = info
+        return out
+
+    def stored_rank(self, name: str) -> int:
+        return self.store.infos()[name + ".tsvc_s"].shape[0]
+
+    def factors(self, name):
+        if name not in self.shapes:
+            return None
+        return tuple(self.store.read(name + suffix) for suffix in (".tsvc_u", ".tsvc_s", ".tsvc_v"))
+
+    def read(self, name):
+        """The task vector (dense), rebuilt from its factors where stored factored."""
+        f = self.factors(name)
+        if f is None:
+            return self.store.read(name)
+        u, s, v = f
+        return ((u.float() * s.float()) @ v.float().T).to(u.dtype)
+
+    def release(self):
+        self.store.release()
+
+
+def _open_file(path: str) -> Checkpoint:
+    if path.endswith(".safetensors"):
+        ckpt = SafetensorsFile(path)
+        if ckpt.metadata.get("format") == TSVC_FORMAT:
+            return CompressedTask(ckpt, ckpt.metadata)
+        return ckpt
+    if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return TorchFile(path)
+    raise InputError(path, None, "unknown file type (expected .safetensors, .pt, .pth or .bin)")
+
+
+def open_checkpoint(src) -> Checkpoint:
+    """Open a state dict, file or model folder lazily; errors name the file."""
+    if isinstance(src, Checkpoint):
+        return src
+    if isinstance(src, dict):
+        return DictCheckpoint(src)
+    path = os.fspath(src)
+    if not os.path.exists(path):
+        raise InputError(path, None, "no such file or folder")
+    if os.path.isdir(path):
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if os.path.exists(os.path.join(path, index)):
+                return ShardedFolder(path, os.path.join(path, index))
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if os.path.exists(os.path.join(path, single)):
+                return _open_file(os.path.join(path, single))
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if len(files) == 1:
+            return _open_file(os.path.join(path, files[0]))
+        raise InputError(path, None, "folder has no model.safetensors, index json or single .safetensors file")
+    return _open_file(path)

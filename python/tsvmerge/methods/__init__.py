@@ -1,0 +1,53 @@
+"""Merge methods: small functions behind a registry.
+
+A method maps one batch -- base [L, *shape] and fine-tuned [L, T, *shape] in the compute
+dtype -- to the update Delta: a dense tensor [L, *shape] or a `LowRank` factorisation.
+The engine adds alpha * Delta to the base. Methods never know which backend runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class LowRank:
+    """Delta = u diag(s) v^T with u [L, m, K], s [L, K], v [L, n, K]."""
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+
+
+@dataclass
+class Method:
+    name: str
+    fn: Callable
+    spectral: bool          # 2-D tensors take the spectral path
+    options: tuple          # option names the method accepts
+    doc: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, *, spectral: bool = False, options: tuple = ()):
+    def wrap(fn):
+        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def task_vectors(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """tau_i = theta_i - theta_0 for a batch: [L, T, *shape]."""
+    return finetuned - base.unsqueeze(1)
+
+
+from . import average, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)

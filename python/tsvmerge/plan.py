@@ -1,0 +1,115 @@
+"""Plan a merge from headers alone: validate inputs, classify tensors, group and batch them.
+
+Everything that can be wrong with the inputs is found here, before any compute, with an
+error that names the file and the tensor.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+
+from .io import Checkpoint, InputError, TensorInfo
+
+SPECTRAL, MEAN, COPY = "spectral", "mean", "copy"
+CLIP_PRESET = ("text_projection",)
+DEFAULT_BATCH_BYTES = 1 << 30
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    info: TensorInfo        # the base's shape and dtype (the output keeps them)
+    path: str               # spectral | mean | copy
+    k: int = 0              # per-task rank on the spectral path
+    note: str = ""
+
+
+@dataclass
+class Batch:
+    """Tensors of one shape and path, computed together as [L, T, *shape]."""
+    path: str
+    shape: tuple
+    names: list = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    base: Checkpoint
+    tasks: list
+    tensors: dict           # name -> TensorPlan, in the base's order
+    batches: list
+
+
+def is_excluded(name: str, patterns) -> bool:
+    """A pattern with wildcards is a glob over the whole name; otherwise a substring."""
+    return any(fnmatch.fnmatchcase(name, p) if any(c in p for c in "*?[") else p in name for p in patterns)
+
+
+def validate(base: Checkpoint, tasks: list) -> dict[str, TensorInfo]:
+    """Check that every task has exactly the base's tensors with the same shapes."""
+    if not tasks:
+        raise InputError(None, None, "no fine-tuned checkpoints given: pass at least one")
+    ref = base.infos()
+    if not ref:
+        raise InputError(base.source, None, "holds no tensors")
+    for task in tasks:
+        infos = task.infos()
+        for name in ref:
+            if name not in infos:
+                raise InputError(task.source, name, f"missing (the base {base.source} has it)")
+        for name, info in infos.items():
+            if name not in ref:
+                raise InputError(task.source, name, f"not in the base {base.source}")
+            if info.shape != ref[name].shape:
+                raise InputError(task.source, name, f"shape {list(info.shape)} differs from the base's {list(ref[name].shape)}")
+            if ref[name].dtype.is_floating_point and not info.dtype.is_floating_point:
+                raise InputError(task.source, name, f"dtype {info.dtype} is not floating point like the base's {ref[name].dtype}")
+    return ref
+
+
+def per_task_rank(shape, T: int, k: int | None) -> int:
+    """The budget: k = floor(r / T) by default, or a given k with T*k <= r."""
+    r = min(shape)
+    if k is None:
+        return r // T
+    if k * T > r:
+        raise ValueError(f"k={k} for {T} tasks needs T*k <= min(m, n) = {r} for shape {list(shape)}")
+    return k
+
+
+def classify(name: str, info: TensorInfo, T: int, *, spectral: bool, exclude, k: int | None) -> TensorPlan:
+    if not info.dtype.is_floating_point:
+        return TensorPlan(name, info, COPY)
+    if not spectral or len(info.shape) != 2 or is_excluded(name, exclude):
+        return TensorPlan(name, info, MEAN)
+    rank = per_task_rank(info.shape, T, k)
+    if rank == 0:
+        return TensorPlan(name, info, MEAN, note=f"r={min(info.shape)} < T={T} gives k=0: mean path instead")
+    return TensorPlan(name, info, SPECTRAL, k=rank)
+
+
+def plan_groups(tensors: dict, T: int, batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[Batch]:
+    """Group tensors by (path, shape) and cut each group into batches within the memory budget.
+
+    A batch holds L layers x (T tasks + base) in fp32; a single layer always fits.
+    """
+    groups: dict = {}
+    for p in tensors.values():
+        groups.setdefault((p.path, p.info.shape), []).append(p.name)
+    batches = []
+    for (path, shape), names in groups.items():
+        per_layer = 4 * TensorInfo(shape, torch.float32).numel * ((T + 1) if path != COPY else 1)
+        step = max(1, batch_bytes // max(per_layer, 1))
+        for i in range(0, len(names), step):
+            batches.append(Batch(path, shape, names[i:i + step]))
+    return batches
+
+
+def plan_merge(base: Checkpoint, tasks: list, *, spectral: bool, exclude=(), k: int | None = None,
+               batch_bytes: int = DEFAULT_BATCH_BYTES) -> MergePlan:
+    ref = validate(base, tasks)
+    T = len(tasks)
+    tensors = {name: classify(name, info, T, spectral=spectral, exclude=exclude, k=k) for name, info in ref.items()}
+    return MergePlan(base, tasks, tensors, plan_groups(tensors, T, batch_bytes))

@@ -16,6 +16,7 @@ from .io import (TSVC_FORMAT, CompressedTask, InputError, SafetensorsWriter, Sha
 from .io.checkpoint import DictCheckpoint
 from .methods import get_method
 from .methods.tsv import concat_tasks, sti
+from .primitives import upcast
 from .plan import CLIP_PRESET, COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_groups, plan_merge
 
 BACKEND_OPTIONS = ("svd", "oversample", "power_iters", "energy_estimate")
@@ -146,7 +147,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
     out = {}
     for loaded in iter_batches(plan, be, [b for b in plan.batches if b.path == SPECTRAL], "interference", progress):
         kk = plan.tensors[loaded.batch.names[0]].k
-        svd = loaded.svd or be.task_svd(loaded.finetuned, loaded.base, kk)
+        svd = loaded.svd or be.task_svd(loaded.tau, None, kk)
         u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
         before = sti(u, s, v, be.gram)
         after = sti(be.orthogonalize(u, orthogonalize), s, be.orthogonalize(v, orthogonalize), be.gram)
@@ -256,7 +257,7 @@ def _compress_batch(loaded, plan, be, task, write, entries):
             write(name, task.read(name))
             entries[name] = {"path": "copy"}
         return
-    tau = loaded.finetuned[:, 0] - loaded.base                 # [L, *shape]
+    tau = loaded.tau[:, 0]                                     # [L, *shape]
     if loaded.batch.path != SPECTRAL:
         for l, name in enumerate(names):
             write(name, tau[l].to(task.infos()[name].dtype).cpu())
@@ -265,7 +266,7 @@ def _compress_batch(loaded, plan, be, task, write, entries):
                 entries[name]["note"] = plan.tensors[name].note
         return
     k = plan.tensors[names[0]].k
-    svd = be.task_svd(loaded.finetuned, loaded.base, k)
+    svd = be.task_svd(loaded.tau, None, k)
     total = tau.double().pow(2).flatten(1).sum(1)
     for l, name in enumerate(names):
         dtype = task.infos()[name].dtype
@@ -302,7 +303,7 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
             if name in raw:
                 yield name, task.read(name)
                 continue
-            theta = base_ckpt.read(name).float() + task.read(name).float()
+            theta = upcast(base_ckpt.read(name)) + upcast(task.read(name))
             yield name, theta.to(out_dtype or tp.info.dtype)
 
     if out is None:

@@ -22,7 +22,7 @@ from .plan import COPY, SPECTRAL, Batch, MergePlan
 class Loaded:
     batch: Batch
     base: torch.Tensor                 # [L, *shape]
-    finetuned: torch.Tensor | None     # [L, T, *shape]; None on the copy path
+    tau: torch.Tensor | None           # task vectors [L, T, *shape]; None on the copy path
     svd: TaskSVD | None = None         # from TSV-C factors, when every task stores enough rank
     seconds: float = 0.0
 
@@ -59,17 +59,21 @@ def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loa
     svd = None
     if batch.path == SPECTRAL:
         svd = _stored_factors(plan, batch.names, plan.tensors[batch.names[0]].k, dtype, device)
-    ft = None
+    tau = None
     if svd is None:
-        ft = torch.empty((len(batch.names), len(plan.tasks)) + tuple(batch.shape), dtype=dtype)
+        # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
+        tau = torch.empty((len(batch.names), len(plan.tasks)) + tuple(batch.shape), dtype=dtype)
         for t, task in enumerate(plan.tasks):
             for l, name in enumerate(batch.names):
                 x = _checked(task.read(name), task.source, name)
-                ft[l, t] = x + base[l] if task.is_delta else x
+                if task.is_delta:
+                    tau[l, t] = x
+                else:
+                    torch.sub(x.to(dtype), base[l], out=tau[l, t])
             task.release()
-        ft = ft.to(device)
+        tau = tau.to(device)
     plan.base.release()
-    return Loaded(batch, base.to(device), ft, svd, time.perf_counter() - start)
+    return Loaded(batch, base.to(device), tau, svd, time.perf_counter() - start)
 
 
 def _task_bytes(plan: MergePlan, batch: Batch) -> int:
@@ -119,7 +123,7 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     dtypes = [out_dtype or plan.tensors[n].info.dtype for n in batch.names]
     if batch.path == COPY:
         return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
-    update, stats = method.fn(loaded.base, loaded.finetuned, path=batch.path, k=plan.tensors[batch.names[0]].k,
+    update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=plan.tensors[batch.names[0]].k,
                               backend=backend, svd=loaded.svd, **options)
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)

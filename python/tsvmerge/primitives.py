@@ -12,23 +12,30 @@ import torch
 WHITEN_EPS = 1e-12
 
 
-def _acc(x: torch.Tensor) -> torch.Tensor:
+def upcast(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype: fp64 stays fp64, everything else computes in fp32."""
     return x if x.dtype == torch.float64 else x.float()
 
 
-def delta_matmul(finetuned: torch.Tensor, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _tau(finetuned: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    if base is None:  # the caller already holds task vectors
+        return upcast(finetuned)
+    return upcast(finetuned) - upcast(base).unsqueeze(1)
+
+
+def delta_matmul(finetuned: torch.Tensor, base: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """(theta_i - theta_0) @ x for every layer and task.
 
-    finetuned [L, T, m, n], base [L, m, n], x [L, T, n, c] -> [L, T, m, c] (fp32 accumulate).
+    finetuned [L, T, m, n], base [L, m, n] or None (finetuned holds tau already),
+    x [L, T, n, c] -> [L, T, m, c] (fp32 accumulate).
     """
-    tau = _acc(finetuned) - _acc(base).unsqueeze(1)
+    tau = _tau(finetuned, base)
     return tau @ x.to(tau.dtype)
 
 
-def delta_matmul_t(finetuned: torch.Tensor, base: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def delta_matmul_t(finetuned: torch.Tensor, base: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """(theta_i - theta_0)^T @ y: finetuned [L, T, m, n], y [L, T, m, c] -> [L, T, n, c]."""
-    tau = _acc(finetuned) - _acc(base).unsqueeze(1)
+    tau = _tau(finetuned, base)
     return tau.transpose(-1, -2) @ y.to(tau.dtype)
 
 
@@ -40,7 +47,7 @@ def gaussian_sketch(n: int, c: int, seed: int, device=None, dtype=torch.float32)
 
 def gram(x: torch.Tensor) -> torch.Tensor:
     """x^T x for a batch of panels x [..., m, K] -> [..., K, K] (fp32 accumulate)."""
-    x = _acc(x)
+    x = upcast(x)
     return x.transpose(-1, -2) @ x
 
 
@@ -52,9 +59,17 @@ def inv_sqrt_psd(g: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
 
 
 def polar(x: torch.Tensor) -> torch.Tensor:
-    """Orthogonal polar factor P Q^T of x = P S Q^T (the orthogonal Procrustes solution)."""
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    """Orthogonal polar factor P Q^T of x = P S Q^T (the orthogonal Procrustes solution).
+
+    Where x is exactly rank-deficient (duplicate or collinear tasks) the factor is not
+    unique: the null directions of P and Q are arbitrary and would add arbitrary rank-one
+    terms to the merge. We keep only the directions with S above rounding level (the
+    partial isometry on x's range, which the whitening route also gives); for full-rank x
+    nothing changes.
+    """
+    p, s, qh = torch.linalg.svd(x, full_matrices=False)
+    tol = s[..., :1] * (max(x.shape[-2:]) * torch.finfo(s.dtype).eps)
+    return (p * (s > tol).to(p.dtype).unsqueeze(-2)) @ qh
 
 
 def whiten(x: torch.Tensor, eps: float = WHITEN_EPS) -> torch.Tensor:
@@ -87,5 +102,5 @@ def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def lowrank_apply(base: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
                   alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
     """cast(theta_0 + alpha * U diag(s) V^T): base [L, m, n], u [L, m, K], s [L, K], v [L, n, K]."""
-    delta = (_acc(u) * _acc(s).unsqueeze(-2)) @ _acc(v).transpose(-1, -2)
-    return (_acc(base) + alpha * delta).to(out_dtype)
+    delta = (upcast(u) * upcast(s).unsqueeze(-2)) @ upcast(v).transpose(-1, -2)
+    return (upcast(base) + alpha * delta).to(out_dtype)

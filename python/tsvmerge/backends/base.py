@@ -30,8 +30,11 @@ class Backend:
         self.options = options
 
     # -- spectral steps -------------------------------------------------------------
-    def task_svd(self, finetuned: torch.Tensor, base: torch.Tensor, k: int) -> TaskSVD:
-        """finetuned [L, T, m, n], base [L, m, n] -> top-k factors of each theta_i - theta_0."""
+    def task_svd(self, finetuned: torch.Tensor, base: torch.Tensor | None, k: int) -> TaskSVD:
+        """Top-k factors of each theta_i - theta_0: finetuned [L, T, m, n], base [L, m, n].
+
+        With base=None, `finetuned` already holds the task vectors (what the engine passes).
+        """
         raise NotImplementedError
 
     def orthogonalize(self, x: torch.Tensor, how: str = "procrustes") -> torch.Tensor:

@@ -8,7 +8,7 @@ from .base import Backend, TaskSVD
 
 def exact_task_svd(finetuned, base, k, dtype) -> TaskSVD:
     """Top-k of the full SVD of every tau = theta_i - theta_0."""
-    tau = finetuned.to(dtype) - base.to(dtype).unsqueeze(1)
+    tau = finetuned.to(dtype) if base is None else finetuned.to(dtype) - base.to(dtype).unsqueeze(1)
     u, s, vh = torch.linalg.svd(tau, full_matrices=False)
     energy = torch.ones(s.shape[:-1], dtype=torch.float64)
     return TaskSVD(u[..., :k], s[..., :k], vh[..., :k, :].transpose(-1, -2), energy)

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .errors import InputError
+from ..primitives import upcast
 from .safetensors import TensorInfo, read_header, read_tensor
 
 TSVC_FORMAT = "tsvmerge.tsvc"
@@ -196,8 +197,8 @@ class CompressedTask(Checkpoint):
         f = self.factors(name)
         if f is None:
             return self.store.read(name)
-        u, s, v = f
-        return ((u.float() * s.float()) @ v.float().T).to(u.dtype)
+        u, s, v = (upcast(x) for x in f)
+        return ((u * s) @ v.T).to(f[0].dtype)
 
     def release(self):
         self.store.release()

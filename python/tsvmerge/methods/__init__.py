@@ -1,7 +1,7 @@
 """Merge methods: small functions behind a registry.
 
-A method maps one batch -- base [L, *shape] and fine-tuned [L, T, *shape] in the compute
-dtype -- to the update Delta: a dense tensor [L, *shape] or a `LowRank` factorisation.
+A method maps one batch -- base [L, *shape] and task vectors tau [L, T, *shape] in the
+compute dtype -- to the update Delta: a dense tensor [L, *shape] or a `LowRank` factorisation.
 The engine adds alpha * Delta to the base. Methods never know which backend runs.
 """
 from __future__ import annotations
@@ -43,11 +43,6 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
     return METHODS[name]
-
-
-def task_vectors(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """tau_i = theta_i - theta_0 for a batch: [L, T, *shape]."""
-    return finetuned - base.unsqueeze(1)
 
 
 from . import average, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)

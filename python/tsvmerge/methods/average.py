@@ -1,7 +1,7 @@
-from . import register, task_vectors
+from . import register
 
 
 @register("average")
-def average(base, finetuned, **_):
+def average(base, tau, **_):
     """Weight averaging: Delta = mean_i tau_i (alpha = 1 gives the mean of the fine-tunes)."""
-    return task_vectors(base, finetuned).mean(1), {}
+    return tau.mean(1), {}

@@ -1,7 +1,7 @@
-from . import register, task_vectors
+from . import register
 
 
 @register("task_arithmetic")
-def task_arithmetic(base, finetuned, **_):
+def task_arithmetic(base, tau, **_):
     """Task Arithmetic (Ilharco et al. 2023): Delta = sum_i tau_i, scaled by alpha."""
-    return task_vectors(base, finetuned).sum(1), {}
+    return tau.sum(1), {}

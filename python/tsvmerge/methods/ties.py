@@ -1,10 +1,10 @@
 import torch
 
-from . import register, task_vectors
+from . import register
 
 
 @register("ties", options=("density",))
-def ties(base, finetuned, *, density: float = 0.2, **_):
+def ties(base, tau, *, density: float = 0.2, **_):
     """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean; scaled by alpha.
 
     Trimming keeps each task's top `density` fraction of entries by magnitude per tensor
@@ -12,7 +12,6 @@ def ties(base, finetuned, *, density: float = 0.2, **_):
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"ties: density must be in (0, 1], got {density}")
-    tau = task_vectors(base, finetuned)
     flat = tau.flatten(2)                                         # [L, T, N]
     keep = max(1, round(density * flat.shape[-1]))
     if keep < flat.shape[-1]:

@@ -2,7 +2,7 @@
 import torch
 
 from .. import primitives as P
-from . import LowRank, register, task_vectors
+from . import LowRank, register
 
 
 def concat_tasks(x: torch.Tensor) -> torch.Tensor:
@@ -19,13 +19,13 @@ def sti(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, gram=P.gram) -> torch
 
 
 @register("tsv", spectral=True, options=("orthogonalize", "k", "report_sti"))
-def tsv(base, finetuned, *, path, k=None, backend=None, svd=None, orthogonalize="procrustes",
+def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procrustes",
         report_sti=True, **_):
     """TSV-M: top-k SVD per task, orthogonalise the concatenated factors, rebuild."""
     if path != "spectral":
-        return task_vectors(base, finetuned).mean(1), {}
+        return tau.mean(1), {}
     if svd is None:
-        svd = backend.task_svd(finetuned, base, k)
+        svd = backend.task_svd(tau, None, k)
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
     stats = {"energy": svd.energy}
     if report_sti:

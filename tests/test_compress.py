@@ -1,0 +1,59 @@
+"""TSV-C: storage accounting, reconstruction error, and merging straight from compressed files."""
+import os
+
+import pytest
+import torch
+
+import tsvmerge
+from tsvmerge.api import compression_rank, saves_space
+
+from conftest import ODD_SHAPES, random_zoo
+
+
+def test_storage_accounting_and_tail_energy(seed):
+    base, (task,) = random_zoo(seed, 1, ODD_SHAPES, torch.float64)
+    c = tsvmerge.compress(base, task, rank=0.3, compute_dtype="float64")
+    rep = c.report
+    for name, e in rep["tensors"].items():
+        if e["path"] != "factored":
+            continue
+        m, n = base[name].shape
+        k = compression_rank((m, n), 0.3)
+        assert e["k"] == k and e["numbers"] == k * (m + n + 1) and e["dense_numbers"] == m * n
+        tau = task[name] - base[name]
+        rebuilt = tsvmerge.decompress(base, c)[name] - base[name]
+        # the squared reconstruction error is exactly the energy beyond rank k
+        err = float((tau - rebuilt).norm() ** 2 / tau.norm() ** 2)
+        s = torch.linalg.svdvals(tau)
+        assert abs(err - float((s[k:] ** 2).sum() / (s ** 2).sum())) < 1e-10
+        assert abs(err - e["tail_energy"]) < 1e-10
+    assert rep["summary"]["stored_numbers"] == sum(e.get("numbers", 0) for e in rep["tensors"].values())
+
+
+def test_saves_space_rule():
+    assert saves_space((100, 100), 49) and not saves_space((100, 100), 50)   # 100*100/201 = 49.75
+    assert compression_rank((64, 48), 0.1) == 5 and compression_rank((64, 48), 200) == 48
+
+
+def test_no_gain_tensors_stay_dense(seed):
+    base, (task,) = random_zoo(seed, 1, {"w": (8, 8)})
+    c = tsvmerge.compress(base, task, rank=1.0)
+    assert c.report["tensors"]["w"]["path"] == "dense" and "not save space" in c.report["tensors"]["w"]["note"]
+
+
+@pytest.mark.parametrize("stored_rank,exact", [(0.5, True), (0.05, False)])
+def test_merge_from_compressed_files(seed, tmp_path, stored_rank, exact):
+    base, tasks = random_zoo(seed, 3, ODD_SHAPES)
+    paths = []
+    for i, t in enumerate(tasks):
+        paths.append(str(tmp_path / f"t{i}.safetensors"))
+        tsvmerge.compress(base, t, rank=stored_rank, out=paths[-1], preset="clip")
+    assert os.path.getsize(paths[0]) < sum(v.numel() * 4 for v in base.values()) or not exact
+    dense = tsvmerge.merge(base, tasks, backend="reference", preset="clip")
+    from_c = tsvmerge.merge(base, paths, backend="reference", preset="clip")
+    d = (from_c["blocks.0.mlp.weight"] - dense["blocks.0.mlp.weight"]).norm()
+    scale = (dense["blocks.0.mlp.weight"] - base["blocks.0.mlp.weight"]).norm()
+    # stored rank >= the merge's k (r/T): exact; below it, the merge sees less
+    assert (d / scale < 1e-5) == exact
+    for name in ("norm.weight", "conv.weight", "bn.num_batches_tracked"):
+        assert torch.allclose(from_c[name].float(), dense[name].float(), atol=1e-6)

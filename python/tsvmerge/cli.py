@@ -107,9 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", default="powerlaw", choices=["powerlaw", "gapped"])
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("demo", help="the built-in example: synthetic zoo merge, then the accuracy benchmark",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    # listed for --help; `main` hands everything after `demo` to tsvmerge.demo
+    sub.add_parser("demo", help="the built-in example: synthetic zoo merge, then the accuracy benchmark")
     return parser
 
 
@@ -201,16 +200,15 @@ def _cmd_zoo(a) -> int:
     return EXIT_OK
 
 
-def _cmd_demo(a) -> int:
-    from .demo import main as demo_main
-    return demo_main(a.rest)
-
-
 COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
-            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo, "demo": _cmd_demo}
+            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     from .io import InputError
     try:

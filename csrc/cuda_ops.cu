@@ -1,5 +1,171 @@
-// Launch code for the CUDA kernels in kernels/cuda. Filled in by the CUDA-kernels issue.
+// Launch code for the kernels in kernels/cuda. Tensors cross as device pointers (Python ints),
+// sizes and a cudaStream_t (a Python int, e.g. torch.cuda.current_stream().cuda_stream): no
+// libtorch link. Every array must be contiguous fp32 (status: int32); the wrappers in
+// tsvmerge.cuda_ops guarantee that, and the checks here catch what a pointer can show
+// (null, misaligned, not device memory, devices that differ).
+#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "cholesky_qr.cuh"
+#include "jacobi_eigh.cuh"
+
 namespace py = pybind11;
 
-void register_cuda_ops(py::module_& m) { (void)m; }
+namespace {
+
+constexpr size_t kDefaultSmemBytes = 48 * 1024;  // more needs the opt-in attribute
+constexpr int kTrsmRows = 128;                   // rows (= threads) per trsm block
+
+void check_cuda(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess) throw std::runtime_error(what + ": " + cudaGetErrorString(err));
+}
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw py::value_error(message);
+}
+
+using NamedPointer = std::pair<const char*, std::uintptr_t>;
+
+// The device all pointers live on, after checking each one.
+int device_of(const std::string& fn, std::initializer_list<NamedPointer> pointers) {
+  int device = -1;
+  for (const auto& [name, ptr] : pointers) {
+    const std::string arg = fn + ": " + name;
+    require(ptr != 0, arg + " is a null pointer");
+    require(ptr % alignof(float) == 0, arg + " is not 4-byte aligned");
+    cudaPointerAttributes attr{};
+    const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
+    if (err != cudaSuccess) {
+      cudaGetLastError();  // not sticky: clear it so later launch checks do not report it
+      check_cuda(err, arg + ": cannot inspect the pointer");
+    }
+    require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+            arg + " is not CUDA device memory");
+    require(device < 0 || attr.device == device, fn + ": arrays are on different devices");
+    device = attr.device;
+  }
+  return device;
+}
+
+// Makes `device` current for a launch and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    switched_ = device != previous_;
+    if (switched_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool switched_ = false;
+};
+
+// Lets `kernel` use `smem` bytes of dynamic shared memory, or says why it cannot.
+void allow_smem(const void* kernel, size_t smem, int device, const std::string& fn) {
+  if (smem <= kDefaultSmemBytes) return;
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), fn);
+  require(smem <= static_cast<size_t>(optin), fn + ": needs " + std::to_string(smem) +
+                                                   " bytes of shared memory per block, device allows " +
+                                                   std::to_string(optin));
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), fn);
+}
+
+void check_sizes(const std::string& fn, int64_t batch, const char* size_name, int64_t size, int64_t max_size) {
+  require(batch >= 0 && batch <= INT32_MAX, fn + ": batch must be in [0, 2^31), got " + std::to_string(batch));
+  require(size >= 1 && size <= max_size, fn + ": " + size_name + " must be in [1, " + std::to_string(max_size) +
+                                             "], got " + std::to_string(size));
+}
+
+cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Launch geometry; python/tsvmerge/cuda_ops.py computes the same for its CuPy route.
+int eigh_threads(int n) {
+  const int pairs = (n + n % 2) / 2;
+  return std::min(256, 32 * ((pairs * pairs + 31) / 32));
+}
+
+size_t eigh_smem(int n, int threads) {
+  const size_t big_n = n + n % 2, pairs = big_n / 2;
+  return 8 * (threads + 1 + pairs) + 4 * (4 * pairs + big_n + 2 * big_n * (big_n + 1));
+}
+
+void jacobi_eigh(std::uintptr_t a, std::uintptr_t w, std::uintptr_t v, int64_t batch, int64_t n,
+                 std::uintptr_t stream) {
+  const std::string fn = "jacobi_eigh";
+  check_sizes(fn, batch, "n", n, TSV_EIGH_MAX_N);
+  if (batch == 0) return;
+  const int device = device_of(fn, {{"a", a}, {"w", w}, {"v", v}});
+  DeviceGuard guard(device);
+  const int threads = eigh_threads(static_cast<int>(n));
+  const size_t smem = eigh_smem(static_cast<int>(n), threads);
+  allow_smem(reinterpret_cast<const void*>(tsv_jacobi_eigh_f32), smem, device, fn);
+  tsv_jacobi_eigh_f32<<<static_cast<unsigned>(batch), threads, smem, as_stream(stream)>>>(
+      reinterpret_cast<const float*>(a), reinterpret_cast<float*>(w), reinterpret_cast<float*>(v),
+      static_cast<int>(n));
+  check_cuda(cudaGetLastError(), fn + " launch");
+}
+
+void cholesky(std::uintptr_t g, std::uintptr_t l, std::uintptr_t status, int64_t batch, int64_t c,
+              bool allow_shift, std::uintptr_t stream) {
+  const std::string fn = "cholesky";
+  check_sizes(fn, batch, "c", c, TSV_CHOLQR_MAX_C);
+  if (batch == 0) return;
+  const int device = device_of(fn, {{"g", g}, {"l", l}, {"status", status}});
+  DeviceGuard guard(device);
+  const int threads = 32 * ((static_cast<int>(c) + 31) / 32);
+  const size_t smem = 8 * (threads + c + 2) + 4 * c * (c + 1);
+  allow_smem(reinterpret_cast<const void*>(tsv_cholesky_f32), smem, device, fn);
+  tsv_cholesky_f32<<<static_cast<unsigned>(batch), threads, smem, as_stream(stream)>>>(
+      reinterpret_cast<const float*>(g), reinterpret_cast<float*>(l), reinterpret_cast<int*>(status),
+      static_cast<int>(c), allow_shift ? 1 : 0);
+  check_cuda(cudaGetLastError(), fn + " launch");
+}
+
+void trsm_lower_t(std::uintptr_t y, std::uintptr_t l, std::uintptr_t q, int64_t batch, int64_t m, int64_t c,
+                  std::uintptr_t stream) {
+  const std::string fn = "trsm_lower_t";
+  check_sizes(fn, batch, "c", c, TSV_CHOLQR_MAX_C);
+  const int64_t row_blocks = (m + kTrsmRows - 1) / kTrsmRows;
+  require(m >= 1 && row_blocks <= 65535, fn + ": m must be in [1, " + std::to_string(65535 * kTrsmRows) +
+                                             "], got " + std::to_string(m));
+  if (batch == 0) return;
+  const int device = device_of(fn, {{"y", y}, {"l", l}, {"q", q}});
+  DeviceGuard guard(device);
+  const size_t smem = 4 * (c * (c + 1) + c * (kTrsmRows + 1));
+  allow_smem(reinterpret_cast<const void*>(tsv_trsm_lower_t_f32), smem, device, fn);
+  const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(row_blocks));
+  tsv_trsm_lower_t_f32<<<grid, kTrsmRows, smem, as_stream(stream)>>>(
+      reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(l), reinterpret_cast<float*>(q),
+      static_cast<int>(m), static_cast<int>(c));
+  check_cuda(cudaGetLastError(), fn + " launch");
+}
+
+}  // namespace
+
+void register_cuda_ops(py::module_& m) {
+  m.def("jacobi_eigh", &jacobi_eigh, py::arg("a"), py::arg("w"), py::arg("v"), py::arg("batch"), py::arg("n"),
+        py::arg("stream") = 0,
+        "Eigenpairs of `batch` symmetric n x n fp32 matrices (n <= 128; lower triangle read): a [batch, n, n] "
+        "-> w [batch, n] ascending, v [batch, n, n] eigenvectors as columns. Pointers and stream as ints.");
+  m.def("cholesky", &cholesky, py::arg("g"), py::arg("l"), py::arg("status"), py::arg("batch"), py::arg("c"),
+        py::arg("allow_shift"), py::arg("stream") = 0,
+        "G = L L^T for `batch` c x c fp32 Gram matrices (c <= 128): g -> l (lower), status int32 per matrix: "
+        "0 plain, 1 shifted (allow_shift), 2 failed (l = I).");
+  m.def("trsm_lower_t", &trsm_lower_t, py::arg("y"), py::arg("l"), py::arg("q"), py::arg("batch"), py::arg("m"),
+        py::arg("c"), py::arg("stream") = 0,
+        "Q = Y L^-T for fp32 panels y, q [batch, m, c] and lower l [batch, c, c]; q may alias y.");
+}

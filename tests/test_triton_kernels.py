@@ -1,0 +1,281 @@
+"""Triton kernels against their torch references in tsvmerge.primitives (Liger-Kernel style).
+
+Without a CUDA device the kernels run in Triton's interpreter on CPU tensors. Every kernel
+loads bf16/fp16 tiles and upcasts them in registers, so all dots are fp32 and the
+interpreter (numpy, no bf16 arithmetic) needs no fp32 fallback in the test path.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
+
+from tsvmerge import primitives as P  # noqa: E402
+from tsvmerge.backends.randomized import TorchBackend  # noqa: E402
+from tsvmerge.backends.triton import TritonBackend  # noqa: E402
+from tsvmerge.kernels.triton import delta_sketch as D  # noqa: E402
+from tsvmerge.kernels.triton import gram as G  # noqa: E402
+from tsvmerge.kernels.triton import lowrank_apply as LA  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16, torch.float16)]
+BATCHES = [pytest.param(1, 1, id="L1T1"), pytest.param(2, 3, id="L2T3")]
+# Kernel math is fp32 (ieee dots), so fp32 results agree to rounding whatever the input dtype;
+# bf16/fp16 outputs differ by at most one ulp of the cast (the interpreter truncates fp32 -> bf16,
+# GPUs round to nearest).
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def assert_close(actual, expected):
+    """|a - e| <= rtol * max|e|: near-zero entries of a dot product carry absolute, not relative, error."""
+    rtol = RTOL[actual.dtype]
+    expected = expected.to(actual.dtype).float()
+    torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+def poisoned(shape, dtype=torch.float32):
+    """An output buffer full of NaN: anything the kernel fails to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def randn(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(DEVICE, dtype)
+
+
+def task_batch(gen, L, T, m, n, dtype):
+    """finetuned [L, T, m, n] = base + a small dense task vector (never zero), in `dtype`."""
+    base = randn(gen, L, m, n)
+    finetuned = base.unsqueeze(1) + 0.1 * randn(gen, L, T, m, n)
+    return finetuned.to(dtype), base.to(dtype)
+
+
+# -- delta products --------------------------------------------------------------------
+# (m, n, c): odd sizes off every block size; m < n with several column tiles of c.
+DELTA_SHAPES = [pytest.param(77, 45, 13, id="77x45c13"), pytest.param(40, 96, 35, id="40x96c35")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,c", DELTA_SHAPES)
+@pytest.mark.parametrize("L,T", BATCHES)
+def test_delta_matmul(L, T, m, n, c, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    finetuned, base = task_batch(gen, L, T, m, n, dtype)
+    x = randn(gen, L, T, n, c)
+    out = D.delta_matmul(finetuned, base, x, out=poisoned((L, T, m, c)))
+    assert_close(out, P.delta_matmul(finetuned, base, x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,c", DELTA_SHAPES)
+@pytest.mark.parametrize("L,T", BATCHES)
+def test_delta_matmul_t(L, T, m, n, c, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    finetuned, base = task_batch(gen, L, T, m, n, dtype)
+    y = randn(gen, L, T, m, c, dtype=dtype)
+    out = D.delta_matmul_t(finetuned, base, y, out=poisoned((L, T, n, c)))
+    assert_close(out, P.delta_matmul_t(finetuned, base, y))
+
+
+def test_delta_matmul_strided_inputs(seed):
+    """Transposed-storage task matrices and a broadcast x (stride 0, as TorchBackend.sketch passes Omega)."""
+    gen = torch.Generator().manual_seed(seed)
+    L, T, m, n, c = 2, 3, 45, 77, 13
+    finetuned_t, base_t = task_batch(gen, L, T, n, m, torch.float32)
+    finetuned, base = finetuned_t.transpose(-1, -2), base_t.transpose(-1, -2)
+    x = randn(gen, n, c).expand(L, T, n, c)
+    assert_close(D.delta_matmul(finetuned, base, x, out=poisoned((L, T, m, c))), P.delta_matmul(finetuned, base, x))
+    y = randn(gen, L, T, m, c)
+    assert_close(D.delta_matmul_t(finetuned, base, y, out=poisoned((L, T, n, c))), P.delta_matmul_t(finetuned, base, y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,c", DELTA_SHAPES)
+@pytest.mark.parametrize("L,T", BATCHES)
+def test_delta_sketch(L, T, m, n, c, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    finetuned, base = task_batch(gen, L, T, m, n, dtype)
+    out = D.delta_sketch(finetuned, base, c, seed, out=poisoned((L, T, m, c)))
+    omega = D.sketch_omega(n, c, seed, device=DEVICE)
+    assert_close(out, P.delta_matmul(finetuned, base, omega.expand(L, T, n, c)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_delta_products_of_task_vectors(dtype, seed):
+    """base=None: `finetuned` already holds tau (what the engine passes)."""
+    gen = torch.Generator().manual_seed(seed)
+    L, T, m, n, c = 2, 3, 77, 45, 13
+    tau = (0.1 * randn(gen, L, T, m, n)).to(dtype)
+    x, y = randn(gen, L, T, n, c), randn(gen, L, T, m, c)
+    assert_close(D.delta_matmul(tau, None, x, out=poisoned((L, T, m, c))), P.delta_matmul(tau, None, x))
+    assert_close(D.delta_matmul_t(tau, None, y, out=poisoned((L, T, n, c))), P.delta_matmul_t(tau, None, y))
+    omega = D.sketch_omega(n, c, seed, device=DEVICE).expand(L, T, n, c)
+    assert_close(D.delta_sketch(tau, None, c, seed, out=poisoned((L, T, m, c))), P.delta_matmul(tau, None, omega))
+
+
+def test_sketch_is_seeded_standard_normal():
+    n, c = 4096, 16
+    omega = D.sketch_omega(n, c, seed=7, device=DEVICE)
+    assert torch.equal(omega, D.sketch_omega(n, c, seed=7, device=DEVICE))
+    assert not torch.equal(omega, D.sketch_omega(n, c, seed=8, device=DEVICE))
+    assert abs(omega.mean().item()) < 0.03
+    # Independent unit-variance columns: sample covariance ~ I (standard error 1/64 per entry).
+    torch.testing.assert_close(omega.T @ omega / n, torch.eye(c, device=DEVICE), rtol=0, atol=0.1)
+
+
+# -- gram ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,K", [pytest.param(77, 45, id="77x45"), pytest.param(50, 70, id="50x70")])
+@pytest.mark.parametrize("lead", [pytest.param((1,), id="B1"), pytest.param((2, 3), id="B2x3")])
+def test_gram(lead, m, K, dtype, seed):
+    x = randn(torch.Generator().manual_seed(seed), *lead, m, K, dtype=dtype)
+    out = G.gram(x, out=poisoned((*lead, K, K)))
+    assert_close(out, P.gram(x))
+
+
+def eye_blocks(g, k):
+    """g with its diagonal k x k blocks replaced by the identity."""
+    g = g.clone()
+    for start in range(0, g.shape[-1], k):
+        g[..., start:start + k, start:start + k] = torch.eye(k, dtype=g.dtype, device=g.device)
+    return g
+
+
+# (T, k): one task (all identity), odd k, and k wider than a column tile (several tiles per block).
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,k", [pytest.param(1, 13, id="T1k13"), pytest.param(3, 13, id="T3k13"),
+                                 pytest.param(2, 40, id="T2k40")])
+@pytest.mark.parametrize("B", [1, 2], ids=["B1", "B2"])
+def test_gram_task_blocks(B, T, k, dtype, seed):
+    """Diagonal task blocks are set to I, not computed: random (non-orthonormal) panels show it."""
+    x = randn(torch.Generator().manual_seed(seed), B, 77, T * k, dtype=dtype)
+    out = G.gram(x, task_block=k, out=poisoned((B, T * k, T * k)))
+    assert_close(out, eye_blocks(P.gram(x), k))
+
+
+def test_gram_task_blocks_of_orthonormal_panels(seed):
+    """On per-task orthonormal panels, the block-skipping Gram is the full Gram."""
+    T, k, m = 3, 13, 77
+    panels = torch.linalg.qr(torch.randn(2, T, m, k, generator=torch.Generator().manual_seed(seed)))[0]
+    x = panels.transpose(1, 2).reshape(2, m, T * k).to(DEVICE)
+    assert_close(G.gram(x, task_block=k, out=poisoned((2, T * k, T * k))), P.gram(x))
+
+
+# -- lowrank_apply ---------------------------------------------------------------------
+LOWRANK_DTYPES = [pytest.param(i, o, id=f"{str(i)[6:]}-to-{str(o)[6:]}") for i, o in [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]]
+
+
+def factors(gen, L, m, n, K, dtype):
+    return (randn(gen, L, m, n, dtype=dtype), randn(gen, L, m, K, dtype=dtype),
+            (torch.rand(L, K, generator=gen) + 0.5).to(DEVICE, dtype), randn(gen, L, n, K, dtype=dtype))
+
+
+@pytest.mark.parametrize("in_dtype,out_dtype", LOWRANK_DTYPES)
+@pytest.mark.parametrize("m,n,K", [pytest.param(77, 45, 13, id="77x45K13"), pytest.param(50, 96, 40, id="50x96K40")])
+@pytest.mark.parametrize("L", [1, 2], ids=["L1", "L2"])
+def test_lowrank_apply(L, m, n, K, in_dtype, out_dtype, seed):
+    base, u, s, v = factors(torch.Generator().manual_seed(seed), L, m, n, K, in_dtype)
+    out = LA.lowrank_apply(base, u, s, v, 0.7, out_dtype, out=poisoned((L, m, n), out_dtype))
+    assert out.dtype == out_dtype
+    assert_close(out, P.lowrank_apply(base, u, s, v, 0.7, torch.float32))
+
+
+def test_lowrank_apply_into_strided_buffer_and_in_place(seed):
+    L, m, n, K = 2, 77, 45, 13
+    base, u, s, v = factors(torch.Generator().manual_seed(seed), L, m, n, K, torch.float32)
+    expected = P.lowrank_apply(base, u, s, v, 0.7, torch.float32)
+    buffer = poisoned((L, m, n + 7))
+    LA.lowrank_apply(base, u, s, v, 0.7, torch.float32, out=buffer[..., :n])
+    assert_close(buffer[..., :n], expected)
+    assert buffer[..., n:].isnan().all()  # nothing written past the view
+    LA.lowrank_apply(base, u, s, v, 0.7, torch.float32, out=base)  # each tile reads base before writing it
+    assert_close(base, expected)
+
+
+def test_launchers_reject_bad_inputs():
+    x = torch.randn(1, 1, 8, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError):
+        D.delta_matmul(x, x[:, 0], x.transpose(-1, -2))
+    with pytest.raises(ValueError):
+        D.delta_matmul(x.float(), x[:, 0].float(), torch.randn(1, 1, 5, 3, device=DEVICE))
+    with pytest.raises(ValueError):
+        G.gram(torch.randn(2, 8, 6, device=DEVICE), task_block=4)
+    with pytest.raises(ValueError):
+        LA.lowrank_apply(torch.randn(1, 8, 4, device=DEVICE), torch.randn(1, 8, 2, device=DEVICE),
+                         torch.randn(1, 2, device=DEVICE), torch.randn(1, 4, 2, device=DEVICE), 1.0,
+                         torch.float32, out=torch.empty(1, 8, 4, dtype=torch.bfloat16, device=DEVICE))
+
+
+# -- backend -------------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
+def test_backend_not_available_without_cuda():
+    assert not TritonBackend.is_available()
+
+
+def test_backend_recovers_exact_low_rank(seed):
+    """The range finder on the Triton hooks recovers a rank-4 task vector exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    L, T, m, n, rank = 1, 2, 77, 45, 4
+    base = randn(gen, L, m, n)
+    tau = randn(gen, L, T, m, rank) @ randn(gen, L, T, rank, n)
+    backend = TritonBackend(device=DEVICE, seed=seed, oversample=4, power_iters=1)
+    for svd in (backend.task_svd(base.unsqueeze(1) + tau, base, rank), backend.task_svd(tau, None, rank)):
+        recon = (svd.u * svd.s.unsqueeze(-2)) @ svd.v.transpose(-1, -2)
+        torch.testing.assert_close(recon, tau, rtol=1e-4, atol=1e-4 * tau.abs().max().item())
+        assert torch.allclose(svd.energy, torch.ones_like(svd.energy), atol=1e-4)
+
+
+def test_backend_falls_back_to_torch_for_fp64(seed):
+    gen = torch.Generator().manual_seed(seed)
+    finetuned, base = (t.double() for t in task_batch(gen, 1, 2, 9, 7, torch.float32))
+    x = randn(gen, 1, 2, 7, 3).double()
+    backend = TritonBackend(device=DEVICE, compute_dtype=torch.float64)
+    expected = TorchBackend().delta_matmul(finetuned, base, x)
+    torch.testing.assert_close(backend.delta_matmul(finetuned, base, x), expected)
+
+
+# -- GPU code path, compiled without a GPU ---------------------------------------------------
+def compile_for_sm90():
+    """Compile one config of each kernel variant for H100 (sm_90) to a cubin; needs no GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def compile_kernel(autotuned, types, constexprs):
+        config = autotuned.configs[0]
+        constexprs = {**constexprs, **config.kwargs}
+        signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
+                     for name in autotuned.fn.arg_names}
+        triton.compile(ASTSource(autotuned.fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+    # Contiguous strides are 1, which Triton specialises as a constant, as at run time.
+    for ft, seeded, precision in [("fp32", True, "ieee"), ("bf16", False, "tf32")]:
+        compile_kernel(D._delta_matmul_kernel, {"ft_ptr": f"*{ft}", "base_ptr": f"*{ft}", "x_ptr": "*fp32",
+                                                "out_ptr": "*fp32", "stride_fl": "i64"},
+                       {"HAS_BASE": not seeded, "SEEDED_OMEGA": seeded, "INPUT_PRECISION": precision,
+                        "stride_ak": 1, "stride_bk": 1, "stride_xc": 1, "stride_oc": 1})
+    compile_kernel(G._gram_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"},
+                   {"DIAG_IS_IDENTITY": True, "INPUT_PRECISION": "ieee", "BLOCK_COLS": 64,
+                    "stride_xk": 1, "stride_oc": 1})
+    lowrank_types = {f"{name}_ptr": "*bf16" for name in ("base", "u", "s", "v", "out")} | {"alpha": "fp32"}
+    compile_kernel(LA._lowrank_apply_kernel, lowrank_types,
+                   {"INPUT_PRECISION": "ieee", "stride_bn": 1, "stride_uk": 1, "stride_vk": 1, "stride_on": 1})
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter never compiles; a child process without it lowers the kernels to sm_90 cubins."""
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); " \
+           "import test_triton_kernels as t; t.compile_for_sm90()"
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "ptxas" in result.stderr and "not found" in result.stderr.lower():
+        pytest.skip("this triton install has no ptxas to lower to sm_90")
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -150,7 +150,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
         svd = loaded.svd or be.task_svd(loaded.tau, None, kk)
         u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
         before = sti(u, s, v, be.gram)
-        after = sti(be.orthogonalize(u, orthogonalize), s, be.orthogonalize(v, orthogonalize), be.gram)
+        after = sti(be.orthogonalize(u, orthogonalize, kk), s, be.orthogonalize(v, orthogonalize, kk), be.gram)
         overlap_u, overlap_v = (_pair_overlap(be.gram(x), T, kk) for x in (u, v))
         for l, name in enumerate(loaded.batch.names):
             out[name] = {"k": kk, "sti": float(before[l]), "sti_orthogonalized": float(after[l]),

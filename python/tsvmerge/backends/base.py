@@ -37,15 +37,17 @@ class Backend:
         """
         raise NotImplementedError
 
-    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes") -> torch.Tensor:
-        """Orthogonal factor of concatenated panels x [L, m, K]."""
+    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None) -> torch.Tensor:
+        """Orthogonal factor of concatenated panels x [L, m, K]; `block` = k when x is T
+        orthonormal k-column panels side by side (the Gram's diagonal blocks are then I)."""
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            return x @ P.inv_sqrt_psd(self.gram(x)).to(x.dtype)
+            return x @ P.inv_sqrt_psd(self.gram(x, block)).to(x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
 
-    def gram(self, x: torch.Tensor) -> torch.Tensor:
+    def gram(self, x: torch.Tensor, task_block: int | None = None) -> torch.Tensor:
+        """x^T x; fast backends skip the known identity blocks when task_block is given."""
         return P.gram(x)
 
     def lowrank_apply(self, base, u, s, v, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:

@@ -55,7 +55,7 @@ class TorchBackend(Backend):
             q = self.orthonormalize(self.delta_matmul(finetuned, base, z))
         bt = self.delta_matmul_t(finetuned, base, q)                      # B^T = tau^T Q  [L, T, n, c]
         # Small SVD of B through eigh of B B^T (c x c), eigenvalues ascending.
-        lam, w = self.sym_eigh(bt.transpose(-1, -2) @ bt)
+        lam, w = self.sym_eigh(self.gram(bt))
         lam, w = lam.flip(-1)[..., :k].clamp_min(0), w.flip(-1)[..., :k]
         s = lam.sqrt()
         u = q @ w

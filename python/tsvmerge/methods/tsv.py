@@ -30,4 +30,5 @@ def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procr
     stats = {"energy": svd.energy}
     if report_sti:
         stats["sti"] = sti(u, s, v, backend.gram)
-    return LowRank(backend.orthogonalize(u, orthogonalize), s, backend.orthogonalize(v, orthogonalize)), stats
+    kk = svd.s.shape[-1]
+    return LowRank(backend.orthogonalize(u, orthogonalize, kk), s, backend.orthogonalize(v, orthogonalize, kk)), stats

@@ -43,8 +43,11 @@ class Backend:
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            return x @ P.inv_sqrt_psd(self.gram(x, block)).to(x.dtype)
+            return x @ P.inv_sqrt_psd(self.gram(x, block), eigh=self.sym_eigh).to(x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
+
+    def sym_eigh(self, a: torch.Tensor):
+        return P.sym_eigh(a)
 
     def gram(self, x: torch.Tensor, task_block: int | None = None) -> torch.Tensor:
         """x^T x; fast backends skip the known identity blocks when task_block is given."""

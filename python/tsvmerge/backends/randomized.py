@@ -40,8 +40,14 @@ class TorchBackend(Backend):
     def orthonormalize(self, y):
         return P.orthonormalize(y)
 
-    def sym_eigh(self, a):
-        return P.sym_eigh(a)
+    def orthogonalize(self, x, how="procrustes", block=None):
+        """Procrustes as the polar factor through the small side: x (x^T x)^(-1/2) from the
+        K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
+        directions dropped as in `primitives.polar`). `whiten` is the base class's route."""
+        if how != "procrustes":
+            return super().orthogonalize(x, how, block)
+        root = P.inv_sqrt_psd(self.gram(x, block), range_only=True, eigh=self.sym_eigh)
+        return x @ root.to(x.dtype)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):

@@ -35,10 +35,10 @@ class CudaBackend(_Base):
             return super().sym_eigh(a)
         return cuda_ops.batched_eigh(a)
 
-    def orthonormalize(self, y):
+    def orthonormalize(self, y, passes=2):
         m, c = y.shape[-2:]
         if not self._fits(y, c) or m < c:
-            return super().orthonormalize(y)
+            return super().orthonormalize(y, passes)
         q, route = cuda_ops.cholesky_qr2(y)
         counts = torch.bincount(route.flatten(), minlength=len(cuda_ops.ROUTE_NAMES)).tolist()
         self.qr_routes.update({name: n for name, n in zip(cuda_ops.ROUTE_NAMES, counts) if n})

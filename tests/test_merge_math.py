@@ -90,7 +90,7 @@ def test_paper_rank1_partially_collinear(seed):
     assert abs(float((t1 + t2).norm() ** 2) - 13.0) > 1e-3
 
 
-@pytest.mark.parametrize("dtype,k,tol", [(torch.float64, None, 1e-9), (torch.float32, 3, 1e-5)])
+@pytest.mark.parametrize("dtype,k,tol", [(torch.float64, None, 1e-7), (torch.float32, 3, 1e-5)])
 def test_whitening_agrees_with_procrustes(seed, dtype, k, tol):
     # Whitening works on the Gram matrix, so its rounding error grows with cond(U)^2; the
     # default budget k = r/T makes U nearly square (cond ~ r), so fp32 is checked at a
@@ -157,7 +157,7 @@ def test_sti_vanishes_after_orthogonalisation(seed):
     eye = torch.eye(4 * k, dtype=torch.float64)
     expected = ((U.T @ U - eye) @ torch.diag(S) @ (V.T @ V - eye)).abs().sum()
     assert abs(e["sti"] - float(expected)) < 1e-8 * float(expected)
-    assert abs(float(sti(U[None], S[None], V[None])[0]) - float(expected)) < 1e-8 * float(expected)
+    assert abs(float(sti((U.T @ U)[None], S[None], (V.T @ V)[None])[0]) - float(expected)) < 1e-8 * float(expected)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])

@@ -149,9 +149,11 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
         kk = plan.tensors[loaded.batch.names[0]].k
         svd = loaded.svd or be.task_svd(loaded.tau, None, kk)
         u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
-        before = sti(u, s, v, be.gram)
-        after = sti(be.orthogonalize(u, orthogonalize, kk), s, be.orthogonalize(v, orthogonalize, kk), be.gram)
-        overlap_u, overlap_v = (_pair_overlap(be.gram(x), T, kk) for x in (u, v))
+        gu, gv = be.factor_gram(u, kk), be.factor_gram(v, kk)
+        before = sti(gu, s, gv)
+        uo, vo = be.orthogonalize(u, orthogonalize, kk, gu), be.orthogonalize(v, orthogonalize, kk, gv)
+        after = sti(be.factor_gram(uo), s, be.factor_gram(vo))
+        overlap_u, overlap_v = (_pair_overlap(g, T, kk) for g in (gu, gv))
         for l, name in enumerate(loaded.batch.names):
             out[name] = {"k": kk, "sti": float(before[l]), "sti_orthogonalized": float(after[l]),
                          "overlap_u": overlap_u[l].tolist(), "overlap_v": overlap_v[l].tolist()}

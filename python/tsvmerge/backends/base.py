@@ -37,14 +37,21 @@ class Backend:
         """
         raise NotImplementedError
 
-    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None) -> torch.Tensor:
+    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None,
+                      g: torch.Tensor | None = None) -> torch.Tensor:
         """Orthogonal factor of concatenated panels x [L, m, K]; `block` = k when x is T
-        orthonormal k-column panels side by side (the Gram's diagonal blocks are then I)."""
+        orthonormal k-column panels side by side (the Gram's diagonal blocks are then I);
+        `g` = factor_gram(x, block) when the caller has it already."""
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            return x @ P.inv_sqrt_psd(self.gram(x, block), eigh=self.sym_eigh).to(x.dtype)
+            g = self.factor_gram(x, block) if g is None else g
+            return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh).to(x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
+
+    def factor_gram(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
+        """The Gram x^T x of concatenated factors, as STI and orthogonalisation use it."""
+        return self.gram(x, block)
 
     def sym_eigh(self, a: torch.Tensor):
         return P.sym_eigh(a)

@@ -40,19 +40,19 @@ class TorchBackend(Backend):
     def orthonormalize(self, y, passes=2):
         return P.orthonormalize(y, passes)
 
-    def orthogonalize(self, x, how="procrustes", block=None):
+    def factor_gram(self, x, block=None):
+        """In fp64: tasks that share directions make x ill-conditioned (cond ~ 5e3 seen on
+        a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that past 1/eps."""
+        return self.gram(x.double(), block)
+
+    def orthogonalize(self, x, how="procrustes", block=None, g=None):
         """Procrustes as the polar factor through the small side: x (x^T x)^(-1/2) from the
         K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
-        directions dropped as in `primitives.polar`). `whiten` is the base class's route.
-
-        The Gram is formed in fp64: tasks that share directions make x ill-conditioned
-        (cond ~ 5e3 seen on a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that
-        past 1/eps.
-        """
+        directions dropped as in `primitives.polar`). `whiten` is the base class's route."""
         if how != "procrustes":
-            return super().orthogonalize(x, how, block)
-        root = P.inv_sqrt_psd(self.gram(x.double(), block), range_only=True, eigh=self.sym_eigh)
-        return x @ root.to(x.dtype)
+            return super().orthogonalize(x, how, block, g)
+        g = self.factor_gram(x, block) if g is None else g
+        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh).to(x.dtype)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):

@@ -1,7 +1,6 @@
 """TSV-Merge (Gargiulo et al., CVPR 2025)."""
 import torch
 
-from .. import primitives as P
 from . import LowRank, register
 
 
@@ -11,11 +10,11 @@ def concat_tasks(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1, 3).reshape(L, m, T * k)
 
 
-def sti(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, gram=P.gram) -> torch.Tensor:
-    """Singular Task Interference ||(U^T U - I) diag(s) (V^T V - I)||_1 per layer: [L]."""
-    eye = torch.eye(u.shape[-1], dtype=torch.float32, device=u.device)
-    gu, gv = gram(u) - eye, gram(v) - eye
-    return (gu * s.float().unsqueeze(-2) @ gv).abs().sum((-2, -1))
+def sti(gu: torch.Tensor, s: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
+    """Singular Task Interference ||(U^T U - I) diag(s) (V^T V - I)||_1 per layer, from the
+    Gram matrices gu = U^T U and gv = V^T V: [L]."""
+    eye = torch.eye(gu.shape[-1], dtype=gu.dtype, device=gu.device)
+    return ((gu - eye) * s.to(gu.dtype).unsqueeze(-2) @ (gv - eye)).abs().sum((-2, -1))
 
 
 @register("tsv", spectral=True, options=("orthogonalize", "k", "report_sti"))
@@ -27,8 +26,9 @@ def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procr
     if svd is None:
         svd = backend.task_svd(tau, None, k)
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
+    kk = svd.s.shape[-1]
+    gu, gv = backend.factor_gram(u, kk), backend.factor_gram(v, kk)   # shared by STI and orthogonalisation
     stats = {"energy": svd.energy}
     if report_sti:
-        stats["sti"] = sti(u, s, v, backend.gram)
-    kk = svd.s.shape[-1]
-    return LowRank(backend.orthogonalize(u, orthogonalize, kk), s, backend.orthogonalize(v, orthogonalize, kk)), stats
+        stats["sti"] = sti(gu, s, gv)
+    return LowRank(backend.orthogonalize(u, orthogonalize, kk, gu), s, backend.orthogonalize(v, orthogonalize, kk, gv)), stats

@@ -41,17 +41,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="tsvmerge demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="tsvmerge-demo", help="where zoos, merges and results go")
-    p.add_argument("--arch", default="ViT-B-32")
-    p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--layers", type=int, help="fewer transformer blocks, for a quicker run")
+    p.add_argument("--zoo-arch", default="ViT-B-32", help="synthetic zoo: ViT-B-32, ViT-B-16 or ViT-L-14")
+    p.add_argument("--zoo-tasks", type=int, default=8, help="synthetic zoo: number of fine-tunes")
+    p.add_argument("--zoo-layers", type=int, help="synthetic zoo: fewer transformer blocks, for a quicker run")
     p.add_argument("--backend", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-synthetic", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
+    # everything else (--tasks, --quick, --cache, --rebuild, ...) goes to the accuracy benchmark
     a, rest = p.parse_known_args(argv)
     os.makedirs(a.workdir, exist_ok=True)
     if not a.skip_synthetic:
-        synthetic_merge(a.workdir, a.arch, a.tasks, a.layers, a.backend, a.device)
+        synthetic_merge(a.workdir, a.zoo_arch, a.zoo_tasks, a.zoo_layers, a.backend, a.device)
     if not a.skip_accuracy:
         from .accuracy.demo import main as accuracy_main
         print("[2/2] accuracy benchmark: a small ViT fine-tuned on real digit tasks")

@@ -132,6 +132,26 @@ def orthonormalize(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
     return q
 
 
+def range_basis(y: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Orthonormal columns for the directions of y [..., m, c] above rounding level and zero
+    columns for the rest: y W diag(lambda^-1/2) from the eigenpairs of y^T y. Unlike QR it
+    stays batched and finite when y is rank-deficient (converged Krylov blocks).
+
+    `floor` [...] is the absolute eigenvalue below which a direction counts as zero; by
+    default it is relative to y's own largest one, which is wrong when y is all rounding
+    noise (a block projected against a basis that already spans it): pass the scale y had
+    before the projection then.
+    """
+    g = gram(y).double()
+    with serial_lapack(g):
+        w, q = torch.linalg.eigh(g)
+    tol = w[..., -1:].clamp_min(0) * (g.shape[-1] ** 0.5 * torch.finfo(y.dtype).eps)
+    if floor is not None:
+        tol = torch.maximum(tol, floor.double().unsqueeze(-1))
+    scale = torch.where(w > tol, w.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(w))
+    return y @ (q * scale.unsqueeze(-2)).to(y.dtype)
+
+
 def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenpairs of symmetric a [..., c, c], eigenvalues ascending (torch's convention)."""
     with serial_lapack(a):

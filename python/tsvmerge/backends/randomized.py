@@ -17,13 +17,14 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, *, svd="randomized",
-                 oversample=10, power_iters=2, energy_estimate=True, **options):
+                 oversample=10, power_iters=1, krylov=True, energy_estimate=True, **options):
         super().__init__(device, compute_dtype, seed, **options)
         if svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', not {svd!r}")
         self.svd = svd
         self.oversample = int(oversample)
         self.power_iters = int(power_iters)
+        self.krylov = bool(krylov)
         self.energy_estimate = bool(energy_estimate)
 
     # -- hooks ------------------------------------------------------------------------
@@ -60,21 +61,44 @@ class TorchBackend(Backend):
             return exact_task_svd(finetuned, base, k, self.compute_dtype)
         m, n = finetuned.shape[-2:]
         c = min(k + self.oversample, m, n)
+        range_finder = self._krylov_range if self.krylov else self._power_range
+        q, bt = range_finder(finetuned, base, c)                           # Q [L,T,m,w], B^T = tau^T Q
+        # Small SVD of B through eigh of B B^T (w x w, fp64: Krylov bases carry zero
+        # columns, and fp32 syevd may fail on such a spread), eigenvalues ascending.
+        lam, w = self.sym_eigh(self.gram(bt).double())
+        lam, w = lam.flip(-1)[..., :k].clamp_min(0).to(bt.dtype), w.flip(-1)[..., :k].to(bt.dtype)
+        s = lam.sqrt()
+        u = q @ w
+        v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
+        energy = self._captured_energy(finetuned, base, q, s, k) if self.energy_estimate else None
+        return TaskSVD(u, s, v, energy)
+
+    def _power_range(self, finetuned, base, c):
+        """Subspace iteration: Q = orth((tau tau^T)^q tau Omega); 2q + 2 products."""
         # Intermediate bases need only be well conditioned (one Cholesky-QR pass); the
         # final one is orthonormal to working precision.
         q = self.orthonormalize(self.sketch(finetuned, base, c), passes=1 if self.power_iters else 2)
         for i in range(self.power_iters):
             z = self.orthonormalize(self.delta_matmul_t(finetuned, base, q), passes=1)   # [L, T, n, c]
             q = self.orthonormalize(self.delta_matmul(finetuned, base, z), passes=2 if i == self.power_iters - 1 else 1)
-        bt = self.delta_matmul_t(finetuned, base, q)                      # B^T = tau^T Q  [L, T, n, c]
-        # Small SVD of B through eigh of B B^T (c x c), eigenvalues ascending.
-        lam, w = self.sym_eigh(self.gram(bt))
-        lam, w = lam.flip(-1)[..., :k].clamp_min(0), w.flip(-1)[..., :k]
-        s = lam.sqrt()
-        u = q @ w
-        v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
-        energy = self._captured_energy(finetuned, base, q, s, k) if self.energy_estimate else None
-        return TaskSVD(u, s, v, energy)
+        return q, self.delta_matmul_t(finetuned, base, q)
+
+    def _krylov_range(self, finetuned, base, c):
+        """Block Krylov (Musco & Musco 2015): Q spans [tau Omega, (tau tau^T) tau Omega, ...];
+        2q + 2 products, and tau^T Q is assembled from the products already made."""
+        q = self.orthonormalize(self.sketch(finetuned, base, c))
+        blocks, bts = [q], [self.delta_matmul_t(finetuned, base, q)]
+        for _ in range(self.power_iters):
+            y = self.delta_matmul(finetuned, base, bts[-1])
+            # rounding noise left after the projection is ~ eps sqrt(m) of y's size
+            floor = y.double().pow(2).sum((-2, -1)) * (y.shape[-2] * torch.finfo(y.dtype).eps ** 2)
+            for _ in range(2):                                             # block Gram-Schmidt, twice
+                for b in blocks:
+                    y = y - b @ (b.transpose(-1, -2) @ y)
+            q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
+            blocks.append(q)
+            bts.append(self.delta_matmul_t(finetuned, base, q))
+        return torch.cat(blocks, -1), torch.cat(bts, -1)
 
     def _captured_energy(self, finetuned, base, q, s, k, iters=2, block=4):
         """A lower bound on kept sum s^2 / exact top-k sum s^2, without the exact SVD.

@@ -4,7 +4,7 @@ import safetensors.torch
 import torch
 
 from tsvmerge.io import load_file
-from tsvmerge.zoo import ARCHS, Arch, make_zoo, make_zoo_dicts, model_shapes
+from tsvmerge.zoo import Arch, make_zoo, make_zoo_dicts, model_shapes
 
 # A tiny ViT with the real naming, so generation takes milliseconds.
 TINY = Arch("tiny", width=64, layers=2, patch=16, image=64, output_dim=32)

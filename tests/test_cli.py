@@ -56,9 +56,10 @@ def test_compress_decompress_interference(zoo, tmp_path):
     assert "TSV-C" in r.stdout
     r = run_cli("decompress", zoo.base, str(c), "-o", str(tmp_path / "d"))
     assert r.returncode == 0, r.stderr
-    r = run_cli("interference", zoo.base, *zoo.finetuned, "--report", str(tmp_path / "sti.json"), "--no-progress")
+    r = run_cli("interference", zoo.base, *zoo.finetuned, "--report", str(tmp_path / "sti.json"), "--no-progress",
+                "--plot", str(tmp_path / "sti.png"))
     assert r.returncode == 0, r.stderr
-    assert "STI" in r.stdout
+    assert "STI" in r.stdout and (tmp_path / "sti.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "sti.json").read_text())["tensors"]
 
 

@@ -5,6 +5,7 @@ import torch
 import tsvmerge
 from tsvmerge import primitives as P
 from tsvmerge.backends import get_backend
+from tsvmerge.methods.tsv import concat_tasks
 from tsvmerge.zoo import Arch, make_zoo_dicts
 
 SMALL = Arch("small", width=96, layers=2, patch=16, image=64, output_dim=48)
@@ -24,11 +25,29 @@ def exact_topk_energy(base, tasks, name, k):
 
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_gapped_zoo_agrees_with_reference(seed, T):
+    """Per-task factors agree to ~1e-4 on gapped zoos (DESIGN section 6; q = 1). The merged weights
+    agree to 1e-2 where the orthogonalisation is well conditioned: with k = r/T the
+    concatenated U is square, and where tasks share directions its polar factor amplifies
+    any difference by about cond(U) (seen: 0.1 at cond ~ 1e5 on a 96 x 96 layer)."""
     base, tasks = make_zoo_dicts(SMALL, tasks=T, seed=seed % 1000, spectrum="gapped")
     ref = updates(tsvmerge.merge(base, tasks, backend="reference", preset="clip"), base)
     fast = updates(tsvmerge.merge(base, tasks, backend="torch", preset="clip"), base)
+    exact, randomized = get_backend("reference"), get_backend("torch")
+    checked, spectral = 0, 0
     for name in base:
-        assert rel(fast[name], ref[name]) < 1e-2, name
+        if base[name].dim() != 2:
+            assert rel(fast[name], ref[name]) < 1e-2, name               # mean path
+            continue
+        spectral += 1
+        tau = torch.stack([t[name] - base[name] for t in tasks])[None]
+        k = min(tau.shape[-2:]) // T
+        a, b = exact.task_svd(tau, None, k), randomized.task_svd(tau, None, k)
+        assert rel((b.u * b.s.unsqueeze(-2)) @ b.v.mT, (a.u * a.s.unsqueeze(-2)) @ a.v.mT) < 1e-3, name
+        cond = max(float(torch.linalg.cond(concat_tasks(x.double())).max()) for x in (a.u, a.v))
+        if cond < 1e3:
+            assert rel(fast[name], ref[name]) < 1e-2, (name, cond)
+            checked += 1
+    assert checked >= 3, (checked, spectral)   # seen: 4 to 10 of 10
 
 
 def test_captured_energy_on_powerlaw_zoo(seed, tmp_path):
@@ -61,11 +80,13 @@ def test_deterministic_for_a_seed_and_recorded(tmp_path):
 
 
 def test_exact_svd_option_matches_reference(seed):
-    base, tasks = make_zoo_dicts(SMALL, tasks=3, seed=seed % 1000)
-    ref = updates(tsvmerge.merge(base, tasks, backend="reference"), base)
-    exact = updates(tsvmerge.merge(base, tasks, backend="torch", svd="exact"), base)
+    # fp64: the two backends orthogonalise by different routes (polar through the Gram vs
+    # SVD), and in fp32 both are only determined to ~eps cond(U) where tasks share directions
+    base, tasks = make_zoo_dicts(SMALL, tasks=3, seed=seed % 1000, dtype=torch.float64)
+    ref = updates(tsvmerge.merge(base, tasks, backend="reference", compute_dtype="float64"), base)
+    exact = updates(tsvmerge.merge(base, tasks, backend="torch", svd="exact", compute_dtype="float64"), base)
     for name in base:
-        assert rel(exact[name], ref[name]) < 1e-4, name
+        assert rel(exact[name], ref[name]) < 1e-6, name
 
 
 @pytest.mark.parametrize("shape", [(70, 45), (45, 70)])

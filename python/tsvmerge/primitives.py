@@ -73,17 +73,23 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def inv_sqrt_psd(g: torch.Tensor, eps: float = WHITEN_EPS, range_only: bool = False,
-                 eigh=torch.linalg.eigh) -> torch.Tensor:
+                 eigh=torch.linalg.eigh, data_dtype: torch.dtype | None = None) -> torch.Tensor:
     """g^(-1/2) for symmetric PSD g [..., K, K], in fp64.
 
     Default: the paper's clamp 1/(sqrt(|lambda|) + eps). With range_only, eigenvalues at
-    the rounding level of g's dtype count as zero (the pseudo-inverse root): x g^(-1/2)
-    with g = x^T x is then the polar factor of x restricted to its range, as `polar` gives.
+    the rounding level count as zero (the pseudo-inverse root): x g^(-1/2) with g = x^T x
+    is then the polar factor of x restricted to its range, as `polar` gives. The level is
+    that of g's dtype, or of x's (`data_dtype`, squared) when g was accumulated in fp64
+    from lower-precision x: exact duplicate columns then give lambda ~ 1e-16, not 0.
     """
     with serial_lapack(g):
         w, q = eigh(g.double())
     if range_only:
-        tol = w[..., -1:].clamp_min(0) * (g.shape[-1] ** 0.5 * torch.finfo(g.dtype).eps)
+        if data_dtype is None or data_dtype == torch.float64:
+            rel = g.shape[-1] ** 0.5 * torch.finfo(g.dtype).eps
+        else:
+            rel = g.shape[-1] * torch.finfo(data_dtype).eps ** 2
+        tol = w[..., -1:].clamp_min(0) * rel
         scale = torch.where(w > tol, w.clamp_min(torch.finfo(torch.float64).tiny).rsqrt(), torch.zeros_like(w))
     else:
         scale = 1.0 / (w.abs().sqrt() + eps)

@@ -53,7 +53,7 @@ class TorchBackend(Backend):
         if how != "procrustes":
             return super().orthogonalize(x, how, block, g)
         g = self.factor_gram(x, block) if g is None else g
-        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh).to(x.dtype)
+        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh, data_dtype=x.dtype).to(x.dtype)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):

@@ -94,7 +94,6 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     meta = {"method": method, "alpha": alpha, "options": method_options, "exclude": list(excluded),
             "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": [{"source": c.source, "fingerprint": c.fingerprint()} for c in [base_ckpt] + tasks]}
-    write_dtype = out_dtype if out_dtype else None
 
     def finish(entries):
         rep = {**meta, "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
@@ -105,14 +104,14 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     if out is None:
         merged = {}
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=merged.__setitem__,
-                            out_dtype=write_dtype, progress=progress)
+                            out_dtype=out_dtype, progress=progress)
         finish(entries)
         return merged
     with atomic_folder(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, infos, shard_size, {"format": "pt", "tsvmerge": json.dumps(meta)})
         try:
             entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=writer.write,
-                                out_dtype=write_dtype, progress=progress)
+                                out_dtype=out_dtype, progress=progress)
         except BaseException:
             writer.abort()
             raise

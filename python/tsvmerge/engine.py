@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backends import Backend, TaskSVD
+from .heap import reuse_freed_memory
 from .io import InputError
 from .methods import LowRank, Method
 from .plan import COPY, SPECTRAL, Batch, MergePlan
@@ -89,7 +90,7 @@ def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, pr
     total = sum(_task_bytes(plan, b) for b in batches)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=(None if progress is None else not progress))
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    with reuse_freed_memory(), ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load_batch, plan, batches[0], *args) if batches else None
         for i, batch in enumerate(batches):
             loaded = pending.result()

@@ -46,7 +46,7 @@ class Backend:
             return P.polar(x)
         if how == "whiten":
             g = self.factor_gram(x, block) if g is None else g
-            return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh).to(x.dtype)
+            return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
 
     def factor_gram(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ finder. Fast backends subclass this and override the hooks (`sketch`, `delta_mat
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import primitives as P
@@ -27,6 +29,10 @@ class TorchBackend(Backend):
         self.krylov = bool(krylov)
         self.energy_estimate = bool(energy_estimate)
 
+    def describe(self) -> dict:
+        return {**super().describe(), "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,
+                "krylov": self.krylov}
+
     # -- hooks ------------------------------------------------------------------------
     def sketch(self, finetuned, base, c):
         omega = P.gaussian_sketch(finetuned.shape[-1], c, self.seed, finetuned.device, self.compute_dtype)
@@ -44,7 +50,9 @@ class TorchBackend(Backend):
     def factor_gram(self, x, block=None):
         """In fp64: tasks that share directions make x ill-conditioned (cond ~ 5e3 seen on
         a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that past 1/eps."""
-        return self.gram(x.double(), block)
+        if block is None or x.is_cuda:
+            return self.gram(x.double(), block)
+        return P.gram_sym(x.double(), block)
 
     def orthogonalize(self, x, how="procrustes", block=None, g=None):
         """Procrustes as the polar factor through the small side: x (x^T x)^(-1/2) from the
@@ -53,7 +61,7 @@ class TorchBackend(Backend):
         if how != "procrustes":
             return super().orthogonalize(x, how, block, g)
         g = self.factor_gram(x, block) if g is None else g
-        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh, data_dtype=x.dtype).to(x.dtype)
+        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh, data_dtype=x.dtype, out_dtype=x.dtype)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):
@@ -61,8 +69,9 @@ class TorchBackend(Backend):
             return exact_task_svd(finetuned, base, k, self.compute_dtype)
         m, n = finetuned.shape[-2:]
         c = min(k + self.oversample, m, n)
+        probe = self._energy_probe(finetuned) if self.energy_estimate else None
         range_finder = self._krylov_range if self.krylov else self._power_range
-        q, bt = range_finder(finetuned, base, c)                           # Q [L,T,m,w], B^T = tau^T Q
+        q, bt, rtr = range_finder(finetuned, base, c, probe)               # Q [L,T,m,w], B^T = tau^T Q
         # Small SVD of B through eigh of B B^T (w x w, fp64: Krylov bases carry zero
         # columns, and fp32 syevd may fail on such a spread), eigenvalues ascending.
         lam, w = self.sym_eigh(self.gram(bt).double())
@@ -70,50 +79,83 @@ class TorchBackend(Backend):
         s = lam.sqrt()
         u = q @ w
         v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
-        energy = self._captured_energy(finetuned, base, q, s, k) if self.energy_estimate else None
+        energy = None if probe is None else self._captured_energy(s, k, rtr)
         return TaskSVD(u, s, v, energy)
 
-    def _power_range(self, finetuned, base, c):
+    def _products(self, finetuned, base):
+        """(x -> tau x, y -> tau^T y) for the range finders."""
+        return functools.partial(self.delta_matmul, finetuned, base), functools.partial(self.delta_matmul_t, finetuned, base)
+
+    def _power_range(self, finetuned, base, c, probe=None):
         """Subspace iteration: Q = orth((tau tau^T)^q tau Omega); 2q + 2 products."""
+        fwd, bwd = self._products(finetuned, base)
         # Intermediate bases need only be well conditioned (one Cholesky-QR pass); the
         # final one is orthonormal to working precision.
         q = self.orthonormalize(self.sketch(finetuned, base, c), passes=1 if self.power_iters else 2)
+        tx = fwd(probe) if probe is not None and self.power_iters == 0 else None
         for i in range(self.power_iters):
-            z = self.orthonormalize(self.delta_matmul_t(finetuned, base, q), passes=1)   # [L, T, n, c]
-            q = self.orthonormalize(self.delta_matmul(finetuned, base, z), passes=2 if i == self.power_iters - 1 else 1)
-        return q, self.delta_matmul_t(finetuned, base, q)
+            last = i == self.power_iters - 1
+            z = self.orthonormalize(bwd(q), passes=1)                      # [L, T, n, c]
+            y, tx = _with_probe(fwd, z, probe if last else None)
+            q = self.orthonormalize(y, passes=2 if last else 1)
+        bt, rtr = self._backward(bwd, q, q, tx)
+        return q, bt, rtr
 
-    def _krylov_range(self, finetuned, base, c):
+    def _krylov_range(self, finetuned, base, c, probe=None):
         """Block Krylov (Musco & Musco 2015): Q spans [tau Omega, (tau tau^T) tau Omega, ...];
         2q + 2 products, and tau^T Q is assembled from the products already made."""
+        fwd, bwd = self._products(finetuned, base)
         q = self.orthonormalize(self.sketch(finetuned, base, c))
-        blocks, bts = [q], [self.delta_matmul_t(finetuned, base, q)]
-        for _ in range(self.power_iters):
-            y = self.delta_matmul(finetuned, base, bts[-1])
+        tx = fwd(probe) if probe is not None and self.power_iters == 0 else None
+        bt, rtr = self._backward(bwd, q, q, tx)
+        blocks, bts = [q], [bt]
+        for i in range(self.power_iters):
+            y, tx = _with_probe(fwd, bts[-1], probe if i == self.power_iters - 1 else None)
             # rounding noise left after the projection is ~ eps sqrt(m) of y's size
-            floor = y.double().pow(2).sum((-2, -1)) * (y.shape[-2] * torch.finfo(y.dtype).eps ** 2)
+            floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * torch.finfo(y.dtype).eps ** 2)
             for _ in range(2):                                             # block Gram-Schmidt, twice
                 for b in blocks:
                     y = y - b @ (b.transpose(-1, -2) @ y)
             q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
             blocks.append(q)
-            bts.append(self.delta_matmul_t(finetuned, base, q))
-        return torch.cat(blocks, -1), torch.cat(bts, -1)
+            bt, rtr = self._backward(bwd, q, torch.cat(blocks, -1), tx)
+            bts.append(bt)
+        return torch.cat(blocks, -1), torch.cat(bts, -1), rtr
 
-    def _captured_energy(self, finetuned, base, q, s, k, iters=2, block=4):
-        """A lower bound on kept sum s^2 / exact top-k sum s^2, without the exact SVD.
+    # -- the captured-energy estimate, carried by the range finder's last two products --
+    def _energy_probe(self, finetuned, block=4):
+        """Orthonormal random X [L, T, n, block] for one power step on R^T R."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+        x = torch.randn(*finetuned.shape[:2], finetuned.shape[-1], block, generator=gen)
+        return self.orthonormalize(x.to(finetuned.device, self.compute_dtype))
+
+    @staticmethod
+    def _backward(bwd, q, basis, tx):
+        """(tau^T q, R^T R X): with R X = (I - Q Q^T) tau X (Q = `basis`, complete), R^T R X =
+        tau^T R X, so it rides along the last product tau^T q."""
+        if tx is None:
+            return bwd(q), None
+        rx = tx - basis @ (basis.transpose(-1, -2) @ tx)
+        out = bwd(torch.cat([q, rx], -1))
+        return out[..., :q.shape[-1]], out[..., q.shape[-1]:]
+
+    def _captured_energy(self, s, k, rtr):
+        """An estimate of kept sum s^2 / exact top-k sum s^2, without the exact SVD.
 
         By Weyl, sigma_i(A)^2 <= sigma_i(QQ^T A)^2 + ||(I - QQ^T) A||_2^2, so the exact
-        top-k energy is at most kept + k ||R||_2^2. The residual's spectral norm comes from
-        a short block power iteration on R^T R (thin products: memory-bound passes).
+        top-k energy is at most kept + k ||R||_2^2: a lower bound on the ratio, given
+        ||R||_2. ||R||_2^2 is estimated from below by ||R^T R X||_2 after one power step
+        (random X), so the bound is approximate; in practice it is loose on the safe side.
         """
         kept = (s.double() ** 2).sum(-1)
-        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
-        x = torch.randn(*finetuned.shape[:2], finetuned.shape[-1], block, generator=gen).to(q.device, q.dtype)
-        for _ in range(iters):
-            x = self.orthonormalize(x)
-            y = self.delta_matmul(finetuned, base, x)
-            y = y - q @ (q.transpose(-1, -2) @ y)                      # R x
-            x = self.delta_matmul_t(finetuned, base, y)                 # R^T R x
-        r2 = self.sym_eigh(self.gram(x).double())[0][..., -1].clamp_min(0).sqrt()  # ||R^T R x||_2 ~ ||R||_2^2
+        r2 = self.sym_eigh(self.gram(rtr).double())[0][..., -1].clamp_min(0).sqrt()
         return (kept / (kept + k * r2).clamp_min(1e-300)).clamp(max=1.0).cpu()
+
+
+def _with_probe(fwd, z, probe):
+    """(tau z, tau X): the energy probe X rides along a product the range finder makes anyway."""
+    if probe is None:
+        return fwd(z), None
+    y = fwd(torch.cat([z, probe], -1))
+    return y[..., :z.shape[-1]], y[..., z.shape[-1]:]
+

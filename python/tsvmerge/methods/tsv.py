@@ -12,9 +12,11 @@ def concat_tasks(x: torch.Tensor) -> torch.Tensor:
 
 def sti(gu: torch.Tensor, s: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
     """Singular Task Interference ||(U^T U - I) diag(s) (V^T V - I)||_1 per layer, from the
-    Gram matrices gu = U^T U and gv = V^T V: [L]."""
+    Gram matrices gu = U^T U and gv = V^T V: [L]. In s's dtype: a statistic, and the Grams
+    may be fp64 for orthogonalisation's sake."""
+    gu, gv = gu.to(s.dtype), gv.to(s.dtype)
     eye = torch.eye(gu.shape[-1], dtype=gu.dtype, device=gu.device)
-    return ((gu - eye) * s.to(gu.dtype).unsqueeze(-2) @ (gv - eye)).abs().sum((-2, -1))
+    return ((gu - eye) * s.unsqueeze(-2) @ (gv - eye)).abs().sum((-2, -1))
 
 
 @register("tsv", spectral=True, options=("orthogonalize", "k", "report_sti"))

@@ -76,9 +76,10 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2) @ x
 
 
-def gram_sym(x: torch.Tensor, block: int) -> torch.Tensor:
+def gram_sym(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     """x^T x from its block upper triangle, `block` columns at a time: about half the flops
-    of `gram` (torch has no syrk). For the fp64 Grams of long concatenated factors."""
+    of `gram` (torch has no syrk). For the fp64 Grams of long concatenated factors
+    (4096 x 1020 fp64 on 2 cores: 0.19 s as one GEMM; blocks of 51, 0.22 s; of 128, 0.11 s)."""
     x = upcast(x)
     K = x.shape[-1]
     g = x.new_empty(*x.shape[:-2], K, K)
@@ -196,10 +197,10 @@ def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if a.is_cuda or threads < 2 or a.shape[-1] < THREADED_EIGH_MIN or flat.shape[0] < 2:
         with serial_lapack(a):
             return torch.linalg.eigh(a)
-    if _eigh_pool is None:
-        _eigh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigh")
-    with serial_lapack(a):
-        parts = list(_eigh_pool.map(torch.linalg.eigh, flat.tensor_split(threads)))
+    if _eigh_pool is None:  # torch's thread count is per thread: one each in the pool
+        _eigh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigh",
+                                                           initializer=torch.set_num_threads, initargs=(1,))
+    parts = list(_eigh_pool.map(torch.linalg.eigh, flat.tensor_split(threads)))
     w = torch.cat([p[0] for p in parts]).reshape(a.shape[:-1])
     return w, torch.cat([p[1] for p in parts]).reshape(a.shape)
 

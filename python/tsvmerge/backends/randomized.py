@@ -52,7 +52,7 @@ class TorchBackend(Backend):
         a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that past 1/eps."""
         if block is None or x.is_cuda:
             return self.gram(x.double(), block)
-        return P.gram_sym(x.double(), block)
+        return P.gram_sym(x.double())
 
     def orthogonalize(self, x, how="procrustes", block=None, g=None):
         """Procrustes as the polar factor through the small side: x (x^T x)^(-1/2) from the

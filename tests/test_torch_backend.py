@@ -111,3 +111,39 @@ def test_orthonormalize_is_orthonormal_and_spans(seed):
     y[1, :, 5] = y[1, :, 4]                                                # singular: falls back
     q = P.orthonormalize(y)
     assert torch.isfinite(q).all() and (q[0].mT @ q[0] - eye).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("K, block", [(37, 128), (300, 128), (300, 64), (96, 96)])
+def test_gram_sym_matches_gram(seed, K, block):
+    x = torch.randn(2, 3, 301, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = P.gram_sym(x, block)
+    assert (got - P.gram(x)).abs().max() < 1e-10 * x.shape[-2]
+
+
+@pytest.mark.parametrize("batch", [(1,), (3,), (2, 3)])
+def test_sym_eigh_threaded_batches_match_torch(seed, batch):
+    a = torch.randn(*batch, P.THREADED_EIGH_MIN + 3, P.THREADED_EIGH_MIN + 3,
+                    generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    a = a + a.mT
+    w, q = P.sym_eigh(a)
+    w_ref, q_ref = torch.linalg.eigh(a)
+    assert w.shape == w_ref.shape and q.shape == q_ref.shape
+    assert (w - w_ref).abs().max() < 1e-10 * w_ref.abs().max()
+    assert ((q * w.unsqueeze(-2)) @ q.mT - a).abs().max() < 1e-10 * a.abs().max()
+
+
+@pytest.mark.parametrize("krylov, power_iters", [(True, 0), (True, 2), (False, 0), (False, 1)])
+def test_range_finders_and_their_energy_estimate(seed, krylov, power_iters):
+    """Every range finder (the probe rides a shared product, or, with q = 0, a pass of its
+    own) gives orthonormal factors whose energy the estimate bounds from below (loosely)."""
+    base, tasks = make_zoo_dicts(SMALL, tasks=3, seed=seed % 1000, spectrum="powerlaw")
+    name = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    tau = torch.stack([t[name] - base[name] for t in tasks])[None]
+    k = min(tau.shape[-2:]) // 3
+    svd = get_backend("torch", krylov=krylov, power_iters=power_iters).task_svd(tau, None, k)
+    eye = torch.eye(k)
+    assert (svd.u.mT @ svd.u - eye).abs().max() < 1e-4 and (svd.v.mT @ svd.v - eye).abs().max() < 1e-4
+    exact = torch.linalg.svdvals(tau.double())[..., :k].pow(2).sum(-1)
+    true = svd.s.double().pow(2).sum(-1) / exact
+    assert bool((true > 0.9).all()) and bool((true <= 1 + 1e-5).all())
+    assert bool((svd.energy <= true + 1e-3).all()) and bool((svd.energy > 0.5).all()), (svd.energy, true)

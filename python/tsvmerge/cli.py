@@ -118,7 +118,7 @@ def _print_merge(rep: dict, out: str) -> None:
           f"({rep['backend']['device']}) in {s['wall_s']:.2f} s -> {out}")
     print(f"  spectral {s['spectral']}, mean {s['mean']}, copied {s['copy']}")
     if s.get("min_energy") is not None:
-        print(f"  captured energy, a lower bound (min over spectral tensors): {s['min_energy']:.4f}")
+        print(f"  captured energy, an estimate that errs low (min over spectral tensors): {s['min_energy']:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
 

@@ -57,3 +57,29 @@ def test_merge_from_compressed_files(seed, tmp_path, stored_rank, exact):
     assert (d / scale < 1e-5) == exact
     for name in ("norm.weight", "conv.weight", "bn.num_batches_tracked"):
         assert torch.allclose(from_c[name].float(), dense[name].float(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fingerprint_tells_apart_same_shape_checkpoints(seed, tmp_path, dtype):
+    from tsvmerge.io import open_checkpoint, save_file
+    base, (a, b) = random_zoo(seed, 2, ODD_SHAPES, dtype)
+    path = str(tmp_path / "a.safetensors")
+    save_file(a, path)
+    fps = [open_checkpoint(x).fingerprint() for x in (base, a, b, path)]
+    assert len(set(fps[:3])) == 3          # same shapes, different weights
+    assert fps[3] == fps[1]                # a file and the state dict it holds agree
+
+
+def test_tsvc_against_another_base_is_refused(seed, tmp_path):
+    from tsvmerge.io import InputError
+    base, (task,) = random_zoo(seed, 1, ODD_SHAPES)
+    other, _ = random_zoo(seed + 1, 1, ODD_SHAPES)
+    c = str(tmp_path / "t.tsvc.safetensors")
+    tsvmerge.compress(base, task, rank=0.3, out=c)
+    tsvmerge.decompress(base, c)                          # the right base is fine
+    for call in (lambda: tsvmerge.decompress(other, c, out=str(tmp_path / "d")),
+                 lambda: tsvmerge.merge(other, [c, c], out=str(tmp_path / "m"))):
+        with pytest.raises(InputError, match="different base") as err:
+            call()
+        assert c in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["t.tsvc.safetensors"]   # nothing written

@@ -39,7 +39,12 @@ def _dtype(d) -> torch.dtype | None:
 def _open_all(base, finetuned):
     if isinstance(finetuned, (str, os.PathLike, dict)):
         raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
-    return open_checkpoint(base), [open_checkpoint(f) for f in finetuned]
+    base, tasks = open_checkpoint(base), [open_checkpoint(f) for f in finetuned]
+    for task in tasks:
+        why = task.base_mismatch(base) if isinstance(task, CompressedTask) else None
+        if why:
+            raise InputError(task.source, None, why)
+    return base, tasks
 
 
 def _exclusions(exclude, preset):

@@ -17,6 +17,7 @@ from ..primitives import upcast
 from .safetensors import TensorInfo, read_header, read_tensor
 
 TSVC_FORMAT = "tsvmerge.tsvc"
+HEAD_BYTES = 64
 
 
 class Checkpoint:
@@ -39,11 +40,24 @@ class Checkpoint:
     def release(self) -> None:
         pass
 
+    def head(self, name: str) -> bytes:
+        """The first bytes of a tensor's data (at most `HEAD_BYTES`), for `fingerprint`."""
+        t = self.read(name).reshape(-1)
+        return t[: max(1, HEAD_BYTES // t.element_size())].view(torch.uint8).numpy().tobytes()
+
     def fingerprint(self) -> str:
+        """Names, shapes, dtypes and the first bytes of every tensor: tells apart checkpoints
+        of one architecture (a TSV-C task and the base it was made from), in one small read
+        per tensor, and is the same for a file and the state dict loaded from it."""
+        if getattr(self, "_fingerprint", None):
+            return self._fingerprint
         h = hashlib.sha256()
         for name, info in sorted(self.infos().items()):
             h.update(f"{name}:{info.shape}:{info.dtype};".encode())
-        return h.hexdigest()[:16]
+            if info.numel:
+                h.update(self.head(name))
+        self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
 
 class DictCheckpoint(Checkpoint):
@@ -73,10 +87,10 @@ class SafetensorsFile(Checkpoint):
         info, offset = self._entries[name]
         return read_tensor(self.source, info, offset)
 
-    def fingerprint(self):
-        h = hashlib.sha256(super().fingerprint().encode())
-        h.update(str(os.path.getsize(self.source)).encode())
-        return h.hexdigest()[:16]
+    def head(self, name):
+        info, offset = self._entries[name]
+        size = min(info.nbytes, HEAD_BYTES)
+        return read_tensor(self.source, TensorInfo((size,), torch.uint8), offset).numpy().tobytes()
 
 
 class TorchFile(Checkpoint):
@@ -152,6 +166,9 @@ class ShardedFolder(Checkpoint):
     def read(self, name):
         return self._where[name].read(name)
 
+    def head(self, name):
+        return self._where[name].head(name)
+
     def release(self):
         for ckpt in self._shards.values():
             ckpt.release()
@@ -183,6 +200,19 @@ class CompressedTask(Checkpoint):
                 info = TensorInfo(self.shapes[name], info.dtype)
             out[name] = info
         return out
+
+    def head(self, name):
+        """From the stored tensors: rebuilding a factored one would be a full product."""
+        return self.store.head(name + ".tsvc_u" if name in self.shapes else name)
+
+    def base_mismatch(self, base: Checkpoint) -> str | None:
+        """Why this task cannot be used with `base` (it was made against another), or None."""
+        want = self.metadata.get("base_fingerprint")
+        got = base.fingerprint()
+        if want and want != got:
+            return (f"was compressed against a different base (fingerprint {want}; {base.source} has {got}): "
+                    "pass the base it was made from")
+        return None
 
     def stored_rank(self, name: str) -> int:
         return self.store.infos()[name + ".tsvc_s"].shape[0]

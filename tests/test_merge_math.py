@@ -23,9 +23,25 @@ def test_reference_matches_paper(seed, T, dtype, tol):
     for name in base:
         if base[name].is_floating_point():
             # compare the updates: theta0 is large, so the weights alone would hide errors
-            assert rel(ours[name] - base[name], paper[name] - base[name]) <= tol, name
+            bound = max(tol, 8 * torch.finfo(dtype).eps / truncation_gap(base, tasks, name))
+            assert rel(ours[name] - base[name], paper[name] - base[name]) <= bound, name
         else:
             assert torch.equal(ours[name], base[name])
+
+
+def truncation_gap(base, tasks, name):
+    """min over tasks of (s_k - s_k+1) / s_1 at k = r/T: the top-k factors are determined
+    only to about eps / gap, and random inputs sometimes have tiny gaps (seen: 1.8e-4,
+    giving 5.7e-4 in fp32)."""
+    shape = base[name].shape
+    k = min(shape) // len(tasks) if len(shape) == 2 else 0
+    if not 0 < k < min(shape):
+        return 1.0
+    gaps = []
+    for t in tasks:
+        s = torch.linalg.svdvals((t[name] - base[name]).double())
+        gaps.append(float((s[k - 1] - s[k]) / s[0]))
+    return max(min(gaps), 1e-300)
 
 
 def test_alpha_scales_both_paths(seed):

@@ -9,7 +9,7 @@ def format_merge_report(rep: dict) -> str:
     groups = defaultdict(list)
     for name, e in rep["tensors"].items():
         groups[(e["path"], tuple(e["shape"]))].append(e)
-    lines = [f"{'path':9s} {'shape':>14s} {'tensors':>7s} {'k':>5s} {'energy >=':>10s} {'STI mean':>10s} {'time s':>8s}"]
+    lines = [f"{'path':9s} {'shape':>14s} {'tensors':>7s} {'k':>5s} {'energy est':>10s} {'STI mean':>10s} {'time s':>8s}"]
     for (path, shape), es in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         energy = [e["energy"] for e in es if "energy" in e]
         sti = [e["sti"] for e in es if "sti" in e]

@@ -57,13 +57,22 @@ def test_orthonormalize(benchmark):
     benchmark(P.orthonormalize, randn(L, T, M, C))
 
 
-def test_sym_eigh(benchmark):
-    a = randn(L, T, C, C)
+@pytest.mark.parametrize("size", [C, T * K], ids=["sketch-width", "polar-gram"])
+def test_sym_eigh(benchmark, size):
+    """fp64 as the engine calls it: B B^T of the range finder (L x T of c x c), and the Grams
+    of the concatenated factors (L of Tk x Tk, split over threads)."""
+    a = randn(L, T, size, size).double() if size == C else randn(L, size, size).double()
     benchmark(P.sym_eigh, a @ a.transpose(-1, -2))
 
 
-def test_gram(benchmark, panels):
-    benchmark(P.gram, panels)
+@pytest.mark.parametrize("fp64", [False, True], ids=["fp32", "fp64"])
+def test_gram(benchmark, panels, fp64):
+    benchmark(P.gram, panels.double() if fp64 else panels)
+
+
+def test_gram_sym(benchmark, panels):
+    """The fp64 factor Gram from its block triangle: compare with test_gram[fp64]."""
+    benchmark(P.gram_sym, panels.double())
 
 
 def test_polar(benchmark, panels):

@@ -50,7 +50,7 @@ class TorchBackend(Backend):
     def factor_gram(self, x, block=None):
         """In fp64: tasks that share directions make x ill-conditioned (cond ~ 5e3 seen on
         a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that past 1/eps."""
-        if block is None or x.is_cuda:
+        if x.is_cuda:
             return self.gram(x.double(), block)
         return P.gram_sym(x.double())
 
@@ -96,9 +96,9 @@ class TorchBackend(Backend):
         for i in range(self.power_iters):
             last = i == self.power_iters - 1
             z = self.orthonormalize(bwd(q), passes=1)                      # [L, T, n, c]
-            y, tx = _with_probe(fwd, z, probe if last else None)
+            y, tx = _forward_with_probe(fwd, z, probe if last else None)
             q = self.orthonormalize(y, passes=2 if last else 1)
-        bt, rtr = self._backward(bwd, q, q, tx)
+        bt, rtr = _backward_with_residual(bwd, q, q, tx)
         return q, bt, rtr
 
     def _krylov_range(self, finetuned, base, c, probe=None):
@@ -107,10 +107,10 @@ class TorchBackend(Backend):
         fwd, bwd = self._products(finetuned, base)
         q = self.orthonormalize(self.sketch(finetuned, base, c))
         tx = fwd(probe) if probe is not None and self.power_iters == 0 else None
-        bt, rtr = self._backward(bwd, q, q, tx)
-        blocks, bts = [q], [bt]
+        bt, rtr = _backward_with_residual(bwd, q, q, tx)
+        blocks, bts, basis = [q], [bt], q
         for i in range(self.power_iters):
-            y, tx = _with_probe(fwd, bts[-1], probe if i == self.power_iters - 1 else None)
+            y, tx = _forward_with_probe(fwd, bts[-1], probe if i == self.power_iters - 1 else None)
             # rounding noise left after the projection is ~ eps sqrt(m) of y's size
             floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * torch.finfo(y.dtype).eps ** 2)
             for _ in range(2):                                             # block Gram-Schmidt, twice
@@ -118,9 +118,10 @@ class TorchBackend(Backend):
                     y = y - b @ (b.transpose(-1, -2) @ y)
             q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
             blocks.append(q)
-            bt, rtr = self._backward(bwd, q, torch.cat(blocks, -1), tx)
+            basis = torch.cat(blocks, -1)
+            bt, rtr = _backward_with_residual(bwd, q, basis, tx)
             bts.append(bt)
-        return torch.cat(blocks, -1), torch.cat(bts, -1), rtr
+        return basis, torch.cat(bts, -1), rtr
 
     # -- the captured-energy estimate, carried by the range finder's last two products --
     def _energy_probe(self, finetuned, block=4):
@@ -128,16 +129,6 @@ class TorchBackend(Backend):
         gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
         x = torch.randn(*finetuned.shape[:2], finetuned.shape[-1], block, generator=gen)
         return self.orthonormalize(x.to(finetuned.device, self.compute_dtype))
-
-    @staticmethod
-    def _backward(bwd, q, basis, tx):
-        """(tau^T q, R^T R X): with R X = (I - Q Q^T) tau X (Q = `basis`, complete), R^T R X =
-        tau^T R X, so it rides along the last product tau^T q."""
-        if tx is None:
-            return bwd(q), None
-        rx = tx - basis @ (basis.transpose(-1, -2) @ tx)
-        out = bwd(torch.cat([q, rx], -1))
-        return out[..., :q.shape[-1]], out[..., q.shape[-1]:]
 
     def _captured_energy(self, s, k, rtr):
         """An estimate of kept sum s^2 / exact top-k sum s^2, without the exact SVD.
@@ -152,10 +143,20 @@ class TorchBackend(Backend):
         return (kept / (kept + k * r2).clamp_min(1e-300)).clamp(max=1.0).cpu()
 
 
-def _with_probe(fwd, z, probe):
+
+def _forward_with_probe(fwd, z, probe):
     """(tau z, tau X): the energy probe X rides along a product the range finder makes anyway."""
     if probe is None:
         return fwd(z), None
     y = fwd(torch.cat([z, probe], -1))
     return y[..., :z.shape[-1]], y[..., z.shape[-1]:]
 
+
+def _backward_with_residual(bwd, q, basis, tx):
+    """(tau^T q, R^T R X): with R X = (I - Q Q^T) tau X (Q = `basis`, complete), R^T R X =
+    tau^T R X, so it rides along the last product tau^T q."""
+    if tx is None:
+        return bwd(q), None
+    rx = tx - basis @ (basis.transpose(-1, -2) @ tx)
+    out = bwd(torch.cat([q, rx], -1))
+    return out[..., :q.shape[-1]], out[..., q.shape[-1]:]

@@ -26,6 +26,7 @@ class Checkpoint:
     source: str = "<memory>"
     # A TSV-C task stores task vectors (deltas), some as low-rank factors.
     is_delta = False
+    _fingerprint: str | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
         raise NotImplementedError
@@ -49,7 +50,7 @@ class Checkpoint:
         """Names, shapes, dtypes and the first bytes of every tensor: tells apart checkpoints
         of one architecture (a TSV-C task and the base it was made from), in one small read
         per tensor, and is the same for a file and the state dict loaded from it."""
-        if getattr(self, "_fingerprint", None):
+        if self._fingerprint is not None:
             return self._fingerprint
         h = hashlib.sha256()
         for name, info in sorted(self.infos().items()):

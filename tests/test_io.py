@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file as st_load, save_file as st_save
 
 import tsvmerge
+from tsvmerge.engine import _all_finite
 from tsvmerge.io import InputError, open_checkpoint, save_file
 from tsvmerge.io.output import plan_shards
 
@@ -96,7 +97,26 @@ BAD_CASES = {
     "extra tensor": (lambda t: t.__setitem__("extra.weight", torch.ones(3)), "extra.weight", "not in the base"),
     "shape mismatch": (lambda t: t.__setitem__("blocks.0.mlp.weight", torch.ones(64, 47)), "blocks.0.mlp.weight", "shape"),
     "nan values": (lambda t: t["blocks.1.attn.weight"].__setitem__((3, 4), float("nan")), "blocks.1.attn.weight", "NaN"),
+    "inf values": (lambda t: t["blocks.0.mlp.weight"].__setitem__((1, 2), -float("inf")), "blocks.0.mlp.weight", "Inf"),
 }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_finite_check_is_exact(seed, dtype):
+    """The one-read check (a finite sum) must neither miss a NaN/Inf nor reject large finite values."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(300, 257, generator=g).to(dtype)
+    assert _all_finite(t)
+    big = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)      # the sum overflows; values are finite
+    assert _all_finite(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = t.clone()
+        x[7, 11] = bad
+        assert not _all_finite(x)
+    both = t.clone()
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")                # the sum is NaN, not Inf
+    assert not _all_finite(both)
+    assert _all_finite(torch.arange(5))                                 # integer buffers pass
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

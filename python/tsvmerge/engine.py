@@ -5,6 +5,7 @@ the whole zoo: see `plan.plan_groups` for the batch budget.
 """
 from __future__ import annotations
 
+import collections
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .backends import Backend, TaskSVD
 from .heap import reuse_freed_memory
 from .io import InputError
 from .methods import LowRank, Method
-from .plan import COPY, SPECTRAL, Batch, MergePlan
+from .plan import COPY, SPECTRAL, Batch, MergePlan, batch_nbytes
 
 
 @dataclass
@@ -28,8 +29,15 @@ class Loaded:
     seconds: float = 0.0
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t. Both always reach the sum, so a finite sum clears t in one read
+    (25x faster than isfinite().all(), which writes a mask); only a sum that overflowed or
+    met one needs the elementwise test."""
+    return not t.dtype.is_floating_point or bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _checked(t: torch.Tensor, source: str, name: str) -> torch.Tensor:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+    if not _all_finite(t):
         raise InputError(source, name, "contains NaN or Inf values: corrupted checkpoint?")
     return t
 
@@ -85,20 +93,42 @@ def _task_bytes(plan: MergePlan, batch: Batch) -> int:
 
 
 def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, progress=None):
-    """Yield each batch loaded, reading the next one in a background thread meanwhile."""
+    """Yield each batch loaded: read ahead in a background thread when the inputs are files,
+    in turn when they are in memory.
+
+    In memory, loading is CPU work (the copy that forms tau), and a reader thread competing
+    with the compute threads costs more than it hides on a machine with few cores (ViT-B-32
+    x 8 on 2 cores: 18.9 s in turn, 19.6 s with one batch read ahead, 20.7 s with more).
+    """
     args = (backend.compute_dtype, backend.device)
     total = sum(_task_bytes(plan, b) for b in batches)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=(None if progress is None else not progress))
-    with reuse_freed_memory(), ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load_batch, plan, batches[0], *args) if batches else None
-        for i, batch in enumerate(batches):
-            loaded = pending.result()
-            if i + 1 < len(batches):
-                pending = pool.submit(load_batch, plan, batches[i + 1], *args)
+    reads_files = any(c.reads_files for c in (plan.base, *plan.tasks))
+    with reuse_freed_memory():
+        loads = _read_ahead(plan, batches, args) if reads_files else (load_batch(plan, b, *args) for b in batches)
+        for batch, loaded in zip(batches, loads):
             yield loaded
             bar.update(_task_bytes(plan, batch))
     bar.close()
+
+
+def _read_ahead(plan: MergePlan, batches: list, args):
+    """Load batches in a background thread, running ahead by the next batch and by further
+    ones while the batches read ahead fit in one batch budget: a small batch (biases,
+    LayerNorms) between two large spectral ones would otherwise hold back the second one's
+    read until the first had been computed. Peak memory stays two budgets: the batch
+    computing and those read ahead."""
+    T = len(plan.tasks)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = collections.deque()       # (future, bytes) of the batches read ahead, in order
+        for i in range(len(batches)):
+            j = i + len(pending)            # the next batch to submit
+            while j < len(batches) and (j <= i + 1 or sum(b for _, b in pending) - pending[0][1]
+                                        + batch_nbytes(batches[j], T) <= plan.batch_bytes):
+                pending.append((pool.submit(load_batch, plan, batches[j], *args), batch_nbytes(batches[j], T)))
+                j += 1
+            yield pending.popleft()[0].result()
 
 
 def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float, options: dict,
@@ -133,7 +163,7 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     else:
         merged = loaded.base + alpha * update
         outputs = [merged[l].to(dtypes[l]).cpu() for l in range(len(dtypes))]
-    if not all(bool(torch.isfinite(o).all()) for o in outputs if o.dtype.is_floating_point):
+    if not all(_all_finite(o) for o in outputs):
         raise FloatingPointError(f"non-finite merged values in {batch.names[0]} (and its batch): "
                                  "please report this with the inputs' shapes")
     return outputs, stats

@@ -40,6 +40,7 @@ class MergePlan:
     tasks: list
     tensors: dict           # name -> TensorPlan, in the base's order
     batches: list
+    batch_bytes: int = DEFAULT_BATCH_BYTES
 
 
 def is_excluded(name: str, patterns) -> bool:
@@ -90,17 +91,22 @@ def classify(name: str, info: TensorInfo, T: int, *, spectral: bool, exclude, k:
     return TensorPlan(name, info, SPECTRAL, k=rank)
 
 
+def batch_nbytes(batch: Batch, T: int) -> int:
+    """fp32 bytes a loaded batch holds: L layers x (T tasks + base), or the base alone."""
+    return 4 * TensorInfo(batch.shape, torch.float32).numel * len(batch.names) * ((T + 1) if batch.path != COPY else 1)
+
+
 def plan_groups(tensors: dict, T: int, batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[Batch]:
     """Group tensors by (path, shape) and cut each group into batches within the memory budget.
 
-    A batch holds L layers x (T tasks + base) in fp32; a single layer always fits.
+    A batch holds L layers x (T tasks + base) in fp32 (`batch_nbytes`); a single layer always fits.
     """
     groups: dict = {}
     for p in tensors.values():
         groups.setdefault((p.path, p.info.shape), []).append(p.name)
     batches = []
     for (path, shape), names in groups.items():
-        per_layer = 4 * TensorInfo(shape, torch.float32).numel * ((T + 1) if path != COPY else 1)
+        per_layer = batch_nbytes(Batch(path, shape, [None]), T)
         step = max(1, batch_bytes // max(per_layer, 1))
         for i in range(0, len(names), step):
             batches.append(Batch(path, shape, names[i:i + step]))
@@ -112,4 +118,4 @@ def plan_merge(base: Checkpoint, tasks: list, *, spectral: bool, exclude=(), k: 
     ref = validate(base, tasks)
     T = len(tasks)
     tensors = {name: classify(name, info, T, spectral=spectral, exclude=exclude, k=k) for name, info in ref.items()}
-    return MergePlan(base, tasks, tensors, plan_groups(tensors, T, batch_bytes))
+    return MergePlan(base, tasks, tensors, plan_groups(tensors, T, batch_bytes), batch_bytes)

@@ -49,6 +49,12 @@ class Backend:
             return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
 
+    def orthogonal_root(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None,
+                        g: torch.Tensor | None = None) -> torch.Tensor | None:
+        """R [L, K, K] with orthogonalize(x) = x @ R, or None where the backend orthogonalises
+        x directly (the exact path takes the polar factor from x's SVD, as the paper does)."""
+        return None
+
     def factor_gram(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
         """The Gram x^T x of concatenated factors, as STI and orthogonalisation use it."""
         return self.gram(x, block)

@@ -48,20 +48,29 @@ class TorchBackend(Backend):
         return P.orthonormalize(y, passes)
 
     def factor_gram(self, x, block=None):
-        """In fp64: tasks that share directions make x ill-conditioned (cond ~ 5e3 seen on
-        a 96 x 96 layer of 3 tasks), and an fp32 Gram squares that past 1/eps."""
+        """In x's dtype on CPU: `polar_root` decides per matrix whether that is precise
+        enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
+        kernels' path): tasks that share directions make x ill-conditioned (cond(x^T x)
+        ~ 1e8 on these zoos' square sides), and an fp32 Gram loses that."""
         if x.is_cuda:
             return self.gram(x.double(), block)
-        return P.gram_sym(x.double())
+        return P.gram_sym(x)
 
     def orthogonalize(self, x, how="procrustes", block=None, g=None):
-        """Procrustes as the polar factor through the small side: x (x^T x)^(-1/2) from the
+        return x @ self.orthogonal_root(x, how, block, g)
+
+    def orthogonal_root(self, x, how="procrustes", block=None, g=None):
+        """Procrustes as the polar factor through the small side: R = (x^T x)^(-1/2) from the
         K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
-        directions dropped as in `primitives.polar`). `whiten` is the base class's route."""
+        directions dropped as in `primitives.polar`). `whiten`: the paper's clamp, on an
+        fp64 Gram."""
+        if how == "whiten":
+            g = g if g is not None and g.dtype == torch.float64 else P.gram_sym(x.double())
+            return P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         if how != "procrustes":
-            return super().orthogonalize(x, how, block, g)
+            raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
         g = self.factor_gram(x, block) if g is None else g
-        return x @ P.inv_sqrt_psd(g, range_only=True, eigh=self.sym_eigh, data_dtype=x.dtype, out_dtype=x.dtype)
+        return P.polar_root(x, g, eigh=self.sym_eigh)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):
@@ -71,16 +80,22 @@ class TorchBackend(Backend):
         c = min(k + self.oversample, m, n)
         probe = self._energy_probe(finetuned) if self.energy_estimate else None
         range_finder = self._krylov_range if self.krylov else self._power_range
-        q, bt, rtr = range_finder(finetuned, base, c, probe)               # Q [L,T,m,w], B^T = tau^T Q
+        qs, bts, rtr = range_finder(finetuned, base, c, probe)   # blocks of Q [L,T,m,w] and of B^T = tau^T Q
         # Small SVD of B through eigh of B B^T (w x w, fp64: Krylov bases carry zero
         # columns, and fp32 syevd may fail on such a spread), eigenvalues ascending.
-        lam, w = self.sym_eigh(self.gram(bt).double())
-        lam, w = lam.flip(-1)[..., :k].clamp_min(0).to(bt.dtype), w.flip(-1)[..., :k].to(bt.dtype)
+        lam, w = self.sym_eigh(self._block_gram(bts).double())
+        lam, w = lam.flip(-1)[..., :k].clamp_min(0).to(bts[0].dtype), w.flip(-1)[..., :k].to(bts[0].dtype)
         s = lam.sqrt()
-        u = q @ w
-        v = (bt @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
+        ws = w.split([b.shape[-1] for b in bts], dim=-2)
+        u, v = _blocks_times(qs, ws), _blocks_times(bts, ws)
+        v /= s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
         energy = None if probe is None else self._captured_energy(s, k, rtr)
         return TaskSVD(u, s, v, energy)
+
+    def _block_gram(self, blocks):
+        """[b_1 ... b_j]^T [b_1 ... b_j] from the blocks, without concatenating them."""
+        rows = [[self.gram(bi) if i == j else bi.mT @ bj for j, bj in enumerate(blocks)] for i, bi in enumerate(blocks)]
+        return torch.cat([torch.cat(row, -1) for row in rows], -2)
 
     def _products(self, finetuned, base):
         """(x -> tau x, y -> tau^T y) for the range finders."""
@@ -98,30 +113,28 @@ class TorchBackend(Backend):
             z = self.orthonormalize(bwd(q), passes=1)                      # [L, T, n, c]
             y, tx = _forward_with_probe(fwd, z, probe if last else None)
             q = self.orthonormalize(y, passes=2 if last else 1)
-        bt, rtr = _backward_with_residual(bwd, q, q, tx)
-        return q, bt, rtr
+        bt, rtr = _backward_with_residual(bwd, q, [q], tx)
+        return [q], [bt], rtr
 
     def _krylov_range(self, finetuned, base, c, probe=None):
         """Block Krylov (Musco & Musco 2015): Q spans [tau Omega, (tau tau^T) tau Omega, ...];
-        2q + 2 products, and tau^T Q is assembled from the products already made."""
+        2q + 2 products, and tau^T Q is assembled from the products already made. Q and
+        tau^T Q stay as lists of blocks: concatenating them costs more than it saves."""
         fwd, bwd = self._products(finetuned, base)
         q = self.orthonormalize(self.sketch(finetuned, base, c))
         tx = fwd(probe) if probe is not None and self.power_iters == 0 else None
-        bt, rtr = _backward_with_residual(bwd, q, q, tx)
-        blocks, bts, basis = [q], [bt], q
+        bt, rtr = _backward_with_residual(bwd, q, [q], tx)
+        qs, bts = [q], [bt]
         for i in range(self.power_iters):
             y, tx = _forward_with_probe(fwd, bts[-1], probe if i == self.power_iters - 1 else None)
             # rounding noise left after the projection is ~ eps sqrt(m) of y's size
             floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * torch.finfo(y.dtype).eps ** 2)
-            for _ in range(2):                                             # block Gram-Schmidt, twice
-                for b in blocks:
-                    y = y - b @ (b.transpose(-1, -2) @ y)
+            y = _project_out(_project_out(y, qs), qs)                      # block Gram-Schmidt, twice
             q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
-            blocks.append(q)
-            basis = torch.cat(blocks, -1)
-            bt, rtr = _backward_with_residual(bwd, q, basis, tx)
+            qs.append(q)
+            bt, rtr = _backward_with_residual(bwd, q, qs, tx)
             bts.append(bt)
-        return basis, torch.cat(bts, -1), rtr
+        return qs, bts, rtr
 
     # -- the captured-energy estimate, carried by the range finder's last two products --
     def _energy_probe(self, finetuned, block=4):
@@ -143,7 +156,6 @@ class TorchBackend(Backend):
         return (kept / (kept + k * r2).clamp_min(1e-300)).clamp(max=1.0).cpu()
 
 
-
 def _forward_with_probe(fwd, z, probe):
     """(tau z, tau X): the energy probe X rides along a product the range finder makes anyway."""
     if probe is None:
@@ -153,10 +165,28 @@ def _forward_with_probe(fwd, z, probe):
 
 
 def _backward_with_residual(bwd, q, basis, tx):
-    """(tau^T q, R^T R X): with R X = (I - Q Q^T) tau X (Q = `basis`, complete), R^T R X =
-    tau^T R X, so it rides along the last product tau^T q."""
+    """(tau^T q, R^T R X): with R X = (I - Q Q^T) tau X (Q = the blocks of `basis`, complete),
+    R^T R X = tau^T R X, so it rides along the last product tau^T q."""
     if tx is None:
         return bwd(q), None
-    rx = tx - basis @ (basis.transpose(-1, -2) @ tx)
-    out = bwd(torch.cat([q, rx], -1))
+    out = bwd(torch.cat([q, _project_out(tx, basis)], -1))
     return out[..., :q.shape[-1]], out[..., q.shape[-1]:]
+
+
+def _project_out(y, blocks):
+    """(I - sum_b b b^T) y for orthonormal blocks b [..., m, c] of one basis, y [..., m, w];
+    the subtraction fused into the GEMM (baddbmm)."""
+    flat = y.reshape(-1, *y.shape[-2:])
+    for b in blocks:
+        b = b.reshape(-1, *b.shape[-2:])
+        flat = torch.baddbmm(flat, b, b.mT @ flat, alpha=-1)
+    return flat.reshape(y.shape)
+
+
+def _blocks_times(blocks, ws):
+    """[b_1 ... b_j] @ [w_1; ...; w_j] = sum_i b_i w_i, without concatenating the blocks."""
+    out = blocks[0] @ ws[0]
+    for b, w in zip(blocks[1:], ws[1:]):
+        flat = out.reshape(-1, *out.shape[-2:])
+        flat.baddbmm_(b.reshape(-1, *b.shape[-2:]), w.reshape(-1, *w.shape[-2:]))
+    return out

@@ -26,6 +26,8 @@ class Checkpoint:
     source: str = "<memory>"
     # A TSV-C task stores task vectors (deltas), some as low-rank factors.
     is_delta = False
+    # Reading waits on files (the engine then reads ahead in a background thread).
+    reads_files = True
     _fingerprint: str | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -62,6 +64,8 @@ class Checkpoint:
 
 
 class DictCheckpoint(Checkpoint):
+    reads_files = False
+
     def __init__(self, tensors: dict, source: str = "<state dict>"):
         self.source = source
         bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
@@ -201,6 +205,10 @@ class CompressedTask(Checkpoint):
                 info = TensorInfo(self.shapes[name], info.dtype)
             out[name] = info
         return out
+
+    @property
+    def reads_files(self):
+        return self.store.reads_files
 
     def head(self, name):
         """From the stored tensors: rebuilding a factored one would be a full product."""

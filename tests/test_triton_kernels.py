@@ -83,7 +83,8 @@ def test_delta_matmul_t(L, T, m, n, c, dtype, seed):
 
 
 def test_delta_matmul_strided_inputs(seed):
-    """Transposed-storage task matrices and a broadcast x (stride 0, as TorchBackend.sketch passes Omega)."""
+    """Transposed-storage task matrices and a broadcast x or y (stride 0, as TorchBackend.sketch
+    passes Omega, to delta_matmul_t when m > n)."""
     gen = torch.Generator().manual_seed(seed)
     L, T, m, n, c = 2, 3, 45, 77, 13
     finetuned_t, base_t = task_batch(gen, L, T, n, m, torch.float32)
@@ -91,6 +92,8 @@ def test_delta_matmul_strided_inputs(seed):
     x = randn(gen, n, c).expand(L, T, n, c)
     assert_close(D.delta_matmul(finetuned, base, x, out=poisoned((L, T, m, c))), P.delta_matmul(finetuned, base, x))
     y = randn(gen, L, T, m, c)
+    assert_close(D.delta_matmul_t(finetuned, base, y, out=poisoned((L, T, n, c))), P.delta_matmul_t(finetuned, base, y))
+    y = randn(gen, m, c).expand(L, T, m, c)
     assert_close(D.delta_matmul_t(finetuned, base, y, out=poisoned((L, T, n, c))), P.delta_matmul_t(finetuned, base, y))
 
 

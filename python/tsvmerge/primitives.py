@@ -191,9 +191,8 @@ def orthonormalize(y: torch.Tensor, passes: int = 2) -> torch.Tensor:
             r_inv = torch.linalg.solve_triangular(low.transpose(-1, -2), eye, upper=True)
         q = q @ r_inv.to(q.dtype)
         failed = info != 0
-        if bool(failed.any()):
+        if bool(failed.any()):      # the others still get their next pass
             q[failed] = torch.linalg.qr(y[failed])[0]
-            break
     return q
 
 

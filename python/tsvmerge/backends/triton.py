@@ -33,9 +33,9 @@ class TritonBackend(TorchBackend):
 
     # The sketch draws Omega from Triton's Philox stream, not torch's generator: another Omega,
     # the same distribution, deterministic for a seed.
-    def sketch(self, finetuned, base, c):
-        if not self._runs(finetuned, base):
-            return super().sketch(finetuned, base, c)
+    def sketch(self, finetuned, base, c, transposed=False):
+        if transposed or not self._runs(finetuned, base):
+            return super().sketch(finetuned, base, c, transposed)
         return _delta.delta_sketch(finetuned, base, c, self.seed, input_precision=self.input_precision)
 
     def delta_matmul(self, finetuned, base, x):

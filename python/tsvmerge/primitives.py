@@ -137,7 +137,7 @@ def polar_root(x: torch.Tensor, g: torch.Tensor, eigh=None) -> torch.Tensor:
     eigh = eigh or sym_eigh
     if g.dtype == torch.float64:
         return inv_sqrt_psd(g, range_only=True, eigh=eigh, data_dtype=x.dtype, out_dtype=x.dtype)
-    with serial_lapack(g) if g.shape[-1] < THREADED_EIGH_MIN else contextlib.nullcontext():
+    with serial_lapack(g) if g.shape[-1] < THREADED_LAPACK_MIN else contextlib.nullcontext():
         low, info = torch.linalg.cholesky_ex(g)
     pivots = low.diagonal(dim1=-2, dim2=-1) ** 2
     fast = (info == 0) & (pivots.amin(-1) * FP32_GRAM_COND > pivots.amax(-1))
@@ -207,8 +207,7 @@ def range_basis(y: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Ten
     before the projection then.
     """
     g = gram(y).double()
-    with serial_lapack(g):
-        w, q = torch.linalg.eigh(g)
+    w, q = sym_eigh(g)
     tol = w[..., -1:].clamp_min(0) * (g.shape[-1] ** 0.5 * torch.finfo(y.dtype).eps)
     if floor is not None:
         tol = torch.maximum(tol, floor.double().unsqueeze(-1))
@@ -216,8 +215,10 @@ def range_basis(y: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Ten
     return y @ (q * scale.unsqueeze(-2)).to(y.dtype)
 
 
-# Batches of matrices at least this wide are split over threads in `sym_eigh`.
-THREADED_EIGH_MIN = 128
+# Matrices at least this wide are worth LAPACK's own threads; `sym_eigh` splits batches of
+# at least this much work (matrices x width^3) over threads of its own (768^2: 0.1 s each).
+THREADED_LAPACK_MIN = 128
+THREADED_EIGH_WORK = 2 * 128 ** 3
 _eigh_pool = None
 
 
@@ -254,7 +255,7 @@ def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     global _eigh_pool
     threads = torch.get_num_threads()
     flat = a.reshape(-1, *a.shape[-2:])
-    if a.is_cuda or threads < 2 or a.shape[-1] < THREADED_EIGH_MIN or flat.shape[0] < 2:
+    if a.is_cuda or threads < 2 or flat.shape[0] < 2 or flat.shape[0] * a.shape[-1] ** 3 < THREADED_EIGH_WORK:
         with serial_lapack(a):
             return torch.linalg.eigh(a)
     if _eigh_pool is None:  # torch's thread count is per thread: one each in the pool

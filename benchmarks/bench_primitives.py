@@ -75,6 +75,14 @@ def test_gram_sym(benchmark, panels):
     benchmark(P.gram_sym, panels.double())
 
 
+@pytest.mark.parametrize("route", ["fp32", "fp64"])
+def test_polar_root(benchmark, panels, route):
+    """(x^T x)^(-1/2) from the factor Gram, as the torch backend orthogonalises: the fp32
+    route (a well-conditioned Gram, the tall sides) against the fp64 one (the square sides)."""
+    g = P.gram_sym(panels.double() if route == "fp64" else panels)
+    benchmark(P.polar_root, panels, g)
+
+
 def test_polar(benchmark, panels):
     benchmark(P.polar, panels)
 

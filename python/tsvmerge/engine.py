@@ -123,11 +123,11 @@ def _read_ahead(plan: MergePlan, batches: list, args):
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = collections.deque()       # (future, bytes) of the batches read ahead, in order
         for i in range(len(batches)):
-            j = i + len(pending)            # the next batch to submit
-            while j < len(batches) and (j <= i + 1 or sum(b for _, b in pending) - pending[0][1]
-                                        + batch_nbytes(batches[j], T) <= plan.batch_bytes):
+            for j in range(i + len(pending), len(batches)):
+                ahead = sum(b for _, b in pending) - (pending[0][1] if pending else 0)   # beyond batch i
+                if j > i + 1 and ahead + batch_nbytes(batches[j], T) > plan.batch_bytes:
+                    break
                 pending.append((pool.submit(load_batch, plan, batches[j], *args), batch_nbytes(batches[j], T)))
-                j += 1
             yield pending.popleft()[0].result()
 
 

@@ -176,7 +176,7 @@ class TorchBackend(Backend):
 
 
 def _forward_with_probe(fwd, z, probe):
-    """(tau z, tau X): the energy probe X rides along a product the range finder makes anyway."""
+    """(A z, A X): the energy probe X rides along a product the range finder makes anyway."""
     if probe is None:
         return fwd(z), None
     y = fwd(torch.cat([z, probe], -1))
@@ -184,8 +184,8 @@ def _forward_with_probe(fwd, z, probe):
 
 
 def _backward_with_residual(bwd, q, basis, tx):
-    """(tau^T q, (R X, R^T R X, floor)): with R X = (I - Q Q^T) tau X (Q = the blocks of
-    `basis`, complete), R^T R X = tau^T R X, so it rides along the last product tau^T q.
+    """(A^T q, (R X, R^T R X, floor)): with R X = (I - Q Q^T) A X (Q = the blocks of
+    `basis`, complete), R^T R X = A^T R X, so it rides along the last product A^T q.
     `floor`: a squared norm of R X below which it may be rounding (1000x the projection's)."""
     if tx is None:
         return bwd(q), None

@@ -46,7 +46,7 @@ def test_read_ahead_passes_small_batches_within_one_budget(monkeypatch):
     monkeypatch.setattr(engine, "load_batch", lambda plan, batch, *args: loaded.append(batch) or batch)
 
     def settled(count):
-        for _ in range(200):
+        for _ in range(1000):                              # up to 5 s on a loaded machine
             if len(loaded) >= count:
                 break
             time.sleep(0.005)

@@ -119,16 +119,15 @@ def _read_ahead(plan: MergePlan, batches: list, args):
     LayerNorms) between two large spectral ones would otherwise hold back the second one's
     read until the first had been computed. Peak memory stays two budgets: the batch
     computing and those read ahead."""
-    T = len(plan.tasks)
+    sizes = [batch_nbytes(b, len(plan.tasks)) for b in batches]
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = collections.deque()       # (future, bytes) of the batches read ahead, in order
+        pending = collections.deque()       # futures of batches i, i + 1, ... already submitted
         for i in range(len(batches)):
             for j in range(i + len(pending), len(batches)):
-                ahead = sum(b for _, b in pending) - (pending[0][1] if pending else 0)   # beyond batch i
-                if j > i + 1 and ahead + batch_nbytes(batches[j], T) > plan.batch_bytes:
+                if j > i + 1 and sum(sizes[i + 1:j + 1]) > plan.batch_bytes:
                     break
-                pending.append((pool.submit(load_batch, plan, batches[j], *args), batch_nbytes(batches[j], T)))
-            yield pending.popleft()[0].result()
+                pending.append(pool.submit(load_batch, plan, batches[j], *args))
+            yield pending.popleft().result()
 
 
 def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float, options: dict,

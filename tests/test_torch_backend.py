@@ -1,4 +1,6 @@
 """The randomized `torch` backend against the exact reference (DESIGN section 6 measures)."""
+import json
+
 import pytest
 import torch
 
@@ -6,9 +8,12 @@ import tsvmerge
 from tsvmerge import primitives as P
 from tsvmerge.backends import get_backend
 from tsvmerge.methods.tsv import concat_tasks
-from tsvmerge.zoo import Arch, make_zoo_dicts
+from tsvmerge.zoo import SPECTRA, Arch, make_zoo_dicts
 
 SMALL = Arch("small", width=96, layers=2, patch=16, image=64, output_dim=48)
+# Wide enough for three Krylov stages at T = 8 (k = 20, blocks of 30 on a short side of 160);
+# narrower matrices run out of room sooner and take the exact SVD.
+MID = Arch("mid", width=160, layers=1, patch=16, image=64, output_dim=80)
 
 
 def rel(a, b):
@@ -66,7 +71,6 @@ def test_captured_energy_on_powerlaw_zoo(seed, tmp_path):
     report = tmp_path / "r.json"
     out = tsvmerge.merge(base, tasks, backend="torch", report=str(report))
     ref = tsvmerge.merge(base, tasks, backend="reference")
-    import json
     rep = json.loads(report.read_text())
     for name, e in rep["tensors"].items():
         if e["path"] != "spectral":
@@ -80,13 +84,12 @@ def test_captured_energy_on_powerlaw_zoo(seed, tmp_path):
 
 
 def test_deterministic_for_a_seed_and_recorded(tmp_path):
-    base, tasks = make_zoo_dicts(SMALL, tasks=3, seed=1)
+    base, tasks = make_zoo_dicts(MID, tasks=8, seed=1)
     a = tsvmerge.merge(base, tasks, backend="torch", seed=5, report=str(tmp_path / "a.json"))
     b = tsvmerge.merge(base, tasks, backend="torch", seed=5)
     c = tsvmerge.merge(base, tasks, backend="torch", seed=6)
     name = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
-    import json
     assert json.loads((tmp_path / "a.json").read_text())["backend"]["seed"] == 5
 
 
@@ -198,10 +201,93 @@ def test_range_finders_and_their_energy_estimate(seed, krylov, power_iters):
     name = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     tau = torch.stack([t[name] - base[name] for t in tasks])[None]
     k = min(tau.shape[-2:]) // 3
-    svd = get_backend("torch", krylov=krylov, power_iters=power_iters).task_svd(tau, None, k)
+    svd = get_backend("torch", krylov=krylov, power_iters=power_iters, energy_target=None).task_svd(tau, None, k)
     eye = torch.eye(k)
     assert (svd.u.mT @ svd.u - eye).abs().max() < 1e-4 and (svd.v.mT @ svd.v - eye).abs().max() < 1e-4
     exact = torch.linalg.svdvals(tau.double())[..., :k].pow(2).sum(-1)
     true = svd.s.double().pow(2).sum(-1) / exact
     assert bool((true > 0.9).all()) and bool((true <= 1 + 1e-5).all())
     assert bool((svd.energy <= true + 1e-3).all()) and bool((svd.energy > 0.5).all()), (svd.energy, true)
+
+
+# -- the energy target ----------------------------------------------------------------------
+
+
+def spectral_task_matrices(spectrum, seed, tasks=8, arch=MID):
+    """[(name, k, tau [1, T, m, n])] of a zoo's 2-D tensors."""
+    base, finetuned = make_zoo_dicts(arch, tasks=tasks, seed=seed, spectrum=spectrum)
+    return [(name, min(t.shape) // tasks, torch.stack([ft[name] - t for ft in finetuned])[None])
+            for name, t in base.items() if t.dim() == 2]
+
+
+def true_energy(svd, tau, k):
+    return svd.s.double().pow(2).sum(-1) / torch.linalg.svdvals(tau.double())[..., :k].pow(2).sum(-1)
+
+
+@pytest.mark.parametrize("spectrum", SPECTRA)
+def test_default_reaches_the_energy_target_on_every_family(seed, spectrum):
+    """Every spectral task matrix keeps >= 0.995 of its exact top-k energy, and the reported
+    bound never reads above that truth (fp32 arithmetic: 1e-5)."""
+    backend = get_backend("torch", seed=seed)
+    for name, k, tau in spectral_task_matrices(spectrum, seed % 1000):
+        svd = backend.task_svd(tau, None, k)
+        true = true_energy(svd, tau, k)
+        assert bool((true >= 0.995).all()), (name, true)
+        assert bool((svd.energy <= true + 1e-5).all()), (name, svd.energy, true)
+        assert bool((svd.passes >= 3).all()) and bool((svd.passes <= backend.max_passes).all())
+        assert not bool(svd.capped.any()), name
+
+
+def test_converged_matrices_stop_costing_passes(seed, monkeypatch):
+    """One batch, a gapped layer and a flat-floor layer of the same shape: after the first
+    stage the products run on the flat-floor rows only, and every row's factors are those it
+    gets alone."""
+    name = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    (_, k, gapped), = [m for m in spectral_task_matrices("gapped", seed % 1000) if m[0] == name]
+    (_, _, flat), = [m for m in spectral_task_matrices("flatfloor", seed % 1000) if m[0] == name]
+    backend = get_backend("torch", seed=seed)
+    alone = [backend.task_svd(t, None, k) for t in (gapped, flat)]
+    both = torch.cat([gapped, flat])
+    calls = []   # (layers x tasks of the view, whether it lies in the flat layer)
+    flat_start, flat_end = both[1].data_ptr(), both[1].data_ptr() + both[1].numel() * both.element_size()
+    for hook in ("delta_matmul", "delta_matmul_t"):
+        original = getattr(backend, hook)
+        monkeypatch.setattr(backend, hook, lambda f, b, x, original=original: calls.append(
+            (tuple(f.shape[:2]), flat_start <= f.data_ptr() < flat_end)) or original(f, b, x))
+    svd = backend.task_svd(both, None, k)
+    assert calls[:3] == [((2, 8), False)] * 3          # the sketch and the first stage's two passes: all rows
+    assert len(calls) > 3 and all(inside and shape[0] == 1 for shape, inside in calls[3:]), calls
+    assert svd.passes[0].tolist() == alone[0].passes[0].tolist() == [3] * 8
+    assert bool((svd.passes[1] > 3).all())
+    for l, one in enumerate(alone):
+        assert torch.equal(svd.s[l], one.s[0]) and torch.equal(svd.u[l], one.u[0]) and torch.equal(svd.energy[l], one.energy[0])
+
+
+def test_a_tensor_at_the_cap_is_reported(seed, tmp_path):
+    """max_passes=3 stops flat floors below the target: the report names them with their bound."""
+    base, tasks = make_zoo_dicts(MID, tasks=8, seed=seed % 1000, spectrum="flatfloor")
+    report = tmp_path / "report.json"
+    tsvmerge.merge(base, tasks, backend="torch", max_passes=3, report=str(report))
+    rep = json.loads(report.read_text())
+    capped = rep["summary"]["capped"]
+    assert capped and set(capped) <= {n for n, e in rep["tensors"].items() if e["path"] == "spectral"}
+    for name, bound in capped.items():
+        entry = rep["tensors"][name]
+        assert entry["capped"] and entry["passes"] == 3 and bound == entry["energy"] < 0.995
+    assert rep["backend"]["energy_target"] == 0.995 and rep["backend"]["max_passes"] == 3
+
+
+def test_fixed_schedule_without_a_target(seed):
+    """energy_target=None: every matrix gets the 2q + 2 passes of the fixed schedule."""
+    (name, k, tau), *_ = spectral_task_matrices("powerlaw", seed % 1000)
+    for q in (1, 2):
+        svd = get_backend("torch", energy_target=None, power_iters=q).task_svd(tau, None, k)
+        assert svd.passes.unique().tolist() == [2 * q + 2] and svd.capped is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"energy_target": 1.5}, "energy_target"), ({"energy_target": 0.0}, "energy_target"),
+    ({"energy_estimate": False}, "energy_estimate"), ({"max_passes": 2}, "max_passes")])
+def test_energy_options_are_checked(options, message):
+    with pytest.raises(ValueError, match=message):
+        get_backend("torch", **options)

@@ -19,7 +19,7 @@ from .methods.tsv import concat_tasks, sti
 from .primitives import upcast
 from .plan import CLIP_PRESET, COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_groups, plan_merge
 
-BACKEND_OPTIONS = ("svd", "oversample", "power_iters", "energy_estimate")
+BACKEND_OPTIONS = ("svd", "oversample", "power_iters", "energy_estimate", "energy_target", "max_passes")
 PRESETS = {"clip": CLIP_PRESET}
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 REPORT_NAME = "tsvmerge_report.json"
@@ -131,7 +131,8 @@ def _summary(entries: dict, wall: float) -> dict:
     energies = [e["energy"] for e in entries.values() if "energy" in e]
     return {"tensors": len(entries), **{p: paths.count(p) for p in ("spectral", "mean", "copy")},
             "fallbacks": [n for n, e in entries.items() if "note" in e],
-            "min_energy": min(energies) if energies else None, "wall_s": round(wall, 3)}
+            "min_energy": min(energies) if energies else None,
+            "capped": {n: e["energy"] for n, e in entries.items() if e.get("capped")}, "wall_s": round(wall, 3)}
 
 
 def interference(base, finetuned, *, exclude=(), preset: str | None = None, backend: str = "auto",

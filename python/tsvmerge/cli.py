@@ -9,6 +9,7 @@ import sys
 
 from . import __version__
 from .backends import BACKENDS
+from .zoo import SPECTRA
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -26,6 +27,16 @@ def parse_rank(text: str):
     return int(value) if value >= 1 and value == int(value) and "." not in text else value
 
 
+def _energy_target(text: str):
+    """A fraction in (0, 1], or 'none' for the fixed schedule."""
+    if text.lower() == "none":
+        return "none"
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"energy target must be in (0, 1] or 'none', not {text}")
+    return value
+
+
 def _common(p, *, task_list=True):
     p.add_argument("base", help="base checkpoint: .safetensors, .pt/.bin, or a model folder")
     if task_list:
@@ -40,6 +51,10 @@ def _common(p, *, task_list=True):
     p.add_argument("--svd", choices=["randomized", "exact"], help="SVD on the fast backends")
     p.add_argument("--power-iters", type=int, help="power iterations of the randomized SVD")
     p.add_argument("--oversample", type=int, help="oversampling of the randomized SVD")
+    p.add_argument("--energy-target", type=_energy_target, metavar="FRACTION",
+                   help="randomized SVD: add Krylov blocks to each task matrix until a bound on its captured "
+                   "energy reaches this (default 0.995; 'none': the fixed schedule of --power-iters)")
+    p.add_argument("--max-passes", type=int, help="randomized SVD: cap on passes over each task matrix (default 9)")
     p.add_argument("--batch-size", type=parse_size, default=None, metavar="BYTES",
                    help="memory budget of one batch of layers x tasks (default 1GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -48,9 +63,11 @@ def _common(p, *, task_list=True):
 def _engine_kwargs(a) -> dict:
     kw = {"exclude": a.exclude, "preset": a.preset, "backend": a.backend, "device": a.device,
           "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True}
-    for key in ("svd", "power_iters", "oversample"):
+    for key in ("svd", "power_iters", "oversample", "max_passes"):
         if getattr(a, key) is not None:
             kw[key] = getattr(a, key)
+    if a.energy_target is not None:
+        kw["energy_target"] = None if a.energy_target == "none" else a.energy_target
     if a.batch_size:
         kw["batch_bytes"] = a.batch_size
     return kw
@@ -104,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="ViT-B-32", help="ViT-B-32, ViT-B-16 or ViT-L-14")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--layers", type=int, help="override the number of transformer blocks")
-    p.add_argument("--spectrum", default="powerlaw", choices=["powerlaw", "gapped"])
+    p.add_argument("--spectrum", default="powerlaw", choices=SPECTRA)
     p.add_argument("--seed", type=int, default=0)
 
     # listed for --help; `main` hands everything after `demo` to tsvmerge.demo
@@ -118,7 +135,9 @@ def _print_merge(rep: dict, out: str) -> None:
           f"({rep['backend']['device']}) in {s['wall_s']:.2f} s -> {out}")
     print(f"  spectral {s['spectral']}, mean {s['mean']}, copied {s['copy']}")
     if s.get("min_energy") is not None:
-        print(f"  captured energy, an estimate that errs low (min over spectral tensors): {s['min_energy']:.4f}")
+        print(f"  captured energy, a bound that errs low (min over spectral tensors): {s['min_energy']:.4f}")
+    for name, bound in s.get("capped", {}).items():
+        print(f"  capped: {name} stopped at --max-passes with captured energy >= {bound:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
 

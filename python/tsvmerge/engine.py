@@ -175,6 +175,10 @@ def _entry(tp, stats: dict, layer: int, seconds: float) -> dict:
         energy = stats.get("energy")
         if energy is not None:
             entry["energy"] = float(energy[layer].min())
+        if stats.get("passes") is not None:
+            entry["passes"] = int(stats["passes"][layer].max())
+        if stats.get("capped") is not None and bool(stats["capped"][layer].any()):
+            entry["capped"] = True      # stopped at max_passes below the energy target: `energy` says where
         if "sti" in stats:
             entry["sti"] = float(stats["sti"][layer])
     if tp.note:

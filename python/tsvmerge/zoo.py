@@ -45,7 +45,7 @@ ARCHS = {
     "ViT-L-14": Arch("ViT-L-14", width=1024, layers=24, patch=14, image=224, output_dim=768),
 }
 
-SPECTRA = ("powerlaw", "gapped")
+SPECTRA = ("powerlaw", "gapped", "flatfloor", "geometric")
 
 # Scale of a task vector: entry RMS of every delta, relative to base weights of RMS 0.02.
 DELTA_RMS = 1e-3
@@ -56,6 +56,12 @@ POWER = 1.0
 HEAD_ENERGY = 0.9
 # gapped: sigma_k over the floor's top singular value (>= 10 is the promise; margin for noise).
 GAP = 30.0
+# flatfloor: a short head of strong shared directions over an iid floor that holds half the energy,
+# so k = r/T lies deep in a floor that decays slowly (the randomized SVD's hardest case).
+FLAT_HEAD_RANK = 32
+FLAT_HEAD_ENERGY = 0.5
+# geometric: sigma_j = GEOMETRIC ** j over the whole rank, no floor.
+GEOMETRIC = 0.98
 # Weight of the subspace shared by all tasks in each task's factors (0: independent tasks).
 SHARED = 0.5
 
@@ -131,11 +137,15 @@ def _orthonormal_factor(shared: torch.Tensor, gen: torch.Generator) -> torch.Ten
 def _head(spectrum: str, m: int, n: int, tasks: int) -> tuple[torch.Tensor, float]:
     """Singular values of a task matrix's strong part and the iid floor's entry std."""
     r, energy = min(m, n), DELTA_RMS ** 2 * m * n
-    if spectrum == "powerlaw":
+    if spectrum in ("powerlaw", "flatfloor"):
         # k = r/T lands in the floor or the flat tail of the head, as in real fine-tunes (DESIGN 6).
-        sigma = torch.arange(1, min(r, HEAD_RANK) + 1, dtype=torch.float32) ** -POWER
-        sigma *= math.sqrt(HEAD_ENERGY * energy / float((sigma ** 2).sum()))
-        return sigma, DELTA_RMS * math.sqrt(1 - HEAD_ENERGY)
+        rank, share = (HEAD_RANK, HEAD_ENERGY) if spectrum == "powerlaw" else (FLAT_HEAD_RANK, FLAT_HEAD_ENERGY)
+        sigma = torch.arange(1, min(r, rank) + 1, dtype=torch.float32) ** -POWER
+        sigma *= math.sqrt(share * energy / float((sigma ** 2).sum()))
+        return sigma, DELTA_RMS * math.sqrt(1 - share)
+    if spectrum == "geometric":
+        sigma = GEOMETRIC ** torch.arange(r, dtype=torch.float32)
+        return sigma * math.sqrt(energy / float((sigma ** 2).sum())), 0.0
     # gapped: exactly k = r // T strong components, gently decaying (distinct, so the top-k
     # vectors are well conditioned), over a floor whose top singular value ~ std (sqrt m + sqrt n)
     # sits GAP times below sigma_k.

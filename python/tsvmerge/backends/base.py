@@ -14,7 +14,9 @@ class TaskSVD:
     u: torch.Tensor        # [L, T, m, k]
     s: torch.Tensor        # [L, T, k], descending
     v: torch.Tensor        # [L, T, n, k]
-    energy: torch.Tensor   # [L, T]: kept sum s^2 over the exact top-k sum s^2 (1.0 when exact)
+    energy: torch.Tensor   # [L, T]: kept sum s^2 over the exact top-k sum s^2 (1.0 when exact), or a bound on it
+    passes: torch.Tensor | None = None   # [L, T]: passes over each task matrix (randomized SVDs)
+    capped: torch.Tensor | None = None   # [L, T]: stopped at the pass cap below the energy target
 
 
 class Backend:

@@ -1,12 +1,17 @@
 """Randomized, batched truncated SVD in pure torch ops (CPU and CUDA).
 
-One shape group (L layers x T tasks) goes through one batched Halko-Martinsson-Tropp range
-finder. Fast backends subclass this and override the hooks (`sketch`, `delta_matmul`,
+One shape group (L layers x T tasks) goes through one batched block Krylov range finder
+(Halko-Martinsson-Tropp; Musco & Musco 2015). By default each task matrix gets Krylov blocks
+until a bound on its captured energy reaches `energy_target`, and matrices that get there
+stop costing passes; `energy_target=None` runs the fixed schedule (`power_iters`, `krylov`).
+Fast backends subclass this and override the hooks (`sketch`, `delta_matmul`,
 `delta_matmul_t`, `orthonormalize`, `sym_eigh`, `gram`, `lowrank_apply`).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import itertools
 
 import torch
 
@@ -14,12 +19,25 @@ from .. import primitives as P
 from .base import Backend, TaskSVD
 from .reference import exact_task_svd
 
+# The default energy target (kept sum s^2 over the exact top-k sum, per task matrix) and the
+# cap on passes over a task matrix: 3 for the sketch and the first block, 2 per block after it.
+DEFAULT_ENERGY_TARGET = 0.995
+DEFAULT_MAX_PASSES = 9
+# Columns of the random probe that estimates the residual's norm; it rides along the products.
+PROBE_COLUMNS = 4
+# The probe's estimate is a Ritz value, so it reads low; the bound uses it times a margin:
+# the first for the first stage (the probe has made one power step), the second after it
+# (measured: the estimate is 0.5-0.95 of the norm, and the bound's worst case over the unseen
+# part covers the rest; benchmarks/tune_randomized.py checks the bound against the truth).
+RHO_MARGIN = (2.0, 1.15)
+
 
 class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, *, svd="randomized",
-                 oversample=10, power_iters=1, krylov=True, energy_estimate=True, **options):
+                 oversample=10, power_iters=1, krylov=True, energy_estimate=True,
+                 energy_target=DEFAULT_ENERGY_TARGET, max_passes=DEFAULT_MAX_PASSES, **options):
         super().__init__(device, compute_dtype, seed, **options)
         if svd not in ("randomized", "exact"):
             raise ValueError(f"svd must be 'randomized' or 'exact', not {svd!r}")
@@ -28,10 +46,21 @@ class TorchBackend(Backend):
         self.power_iters = int(power_iters)
         self.krylov = bool(krylov)
         self.energy_estimate = bool(energy_estimate)
+        self.energy_target = None if energy_target is None else float(energy_target)
+        self.max_passes = int(max_passes)
+        if self.energy_target is not None:
+            if not 0.0 < self.energy_target <= 1.0:
+                raise ValueError(f"energy_target must be in (0, 1] or None, not {energy_target!r}")
+            if not self.energy_estimate:
+                raise ValueError("energy_target needs the energy bound: energy_estimate=False only goes "
+                                 "with energy_target=None (the fixed schedule)")
+            if self.max_passes < 3:
+                raise ValueError(f"max_passes must be at least 3 (sketch, one Krylov block, its bound), "
+                                 f"not {max_passes!r}")
 
     def describe(self) -> dict:
         return {**super().describe(), "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,
-                "krylov": self.krylov}
+                "krylov": self.krylov, "energy_target": self.energy_target, "max_passes": self.max_passes}
 
     # -- hooks ------------------------------------------------------------------------
     def sketch(self, finetuned, base, c, transposed=False):
@@ -83,6 +112,13 @@ class TorchBackend(Backend):
         # more, and the square sketch would be ill-conditioned (cond ~ 1e4 seen at 96 x 96).
         if self.svd == "exact" or c == min(m, n):
             return exact_task_svd(finetuned, base, k, self.compute_dtype)
+        if self.energy_target is not None:
+            return self._adaptive_svd(finetuned, base, k, c)
+        return self._fixed_svd(finetuned, base, k, c)
+
+    def _fixed_svd(self, finetuned, base, k, c):
+        """The fixed schedule: `power_iters` blocks (or power iterations), then B = Q^T A."""
+        m, n = finetuned.shape[-2:]
         # The range finder works on tau^T when m > n, so its basis lives on the short side:
         # orthonormalising it costs (side) x c^2 per step, the products cost the same.
         transposed = m > n
@@ -101,7 +137,145 @@ class TorchBackend(Backend):
         u, v = _blocks_times(qs, ws), _blocks_times(bts, ws)
         v /= s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)
         energy = None if probe is None else self._captured_energy(s, k, residual)
-        return TaskSVD(v, s, u, energy) if transposed else TaskSVD(u, s, v, energy)
+        passes = torch.full(finetuned.shape[:2], 2 * self.power_iters + 2)
+        return TaskSVD(v, s, u, energy, passes) if transposed else TaskSVD(u, s, v, energy, passes)
+
+    # -- the adaptive range finder ----------------------------------------------------
+    def _adaptive_svd(self, finetuned, base, k, c):
+        """Block Krylov per task matrix until its captured-energy bound reaches the target.
+
+        A is tau, or tau^T when m > n, so the basis Q lives on the short side d. Stage j
+        adds the block Q_j: B_j^T = A^T Q_j (a pass), then Y = A B_j^T (a pass), whose part
+        outside span(Q) is the frontier Z = Q_z S. The factors are the SVD of A P with
+        P = span(B^T): A P lies in span(Q, Q_z) and is known, so it costs no pass (stage j
+        makes 2j + 3 passes in all). Matrices whose bound reaches the target, or whose next
+        stage would pass `max_passes`, are finished and leave the batch; one whose short
+        side has no room for another block gets the exact SVD if its bound falls short.
+        """
+        L, T, m, n = finetuned.shape
+        transposed = m > n
+        d = min(m, n)
+        hooks = (self.delta_matmul_t, self.delta_matmul) if transposed else (self.delta_matmul, self.delta_matmul_t)
+        mats = _ActiveMatrices(finetuned, base, *hooks)
+        rows = torch.arange(L * T, device=finetuned.device)
+        kr = _Krylov(self.orthonormalize(self.sketch(finetuned, base, c, transposed).flatten(0, 1)),
+                     self._short_probe(L * T, d))
+        parts = []
+        for stage in itertools.count():
+            self._krylov_stage(mats, rows, kr)
+            passes = 2 * stage + 3
+            room = kr.width + 2 * c <= d
+            last = passes + 2 > self.max_passes or not room
+            fit = self._right_form(kr, k)
+            bound = fit.kept / self._energy_ceiling(kr, fit, k, d, last).clamp_min(torch.finfo(torch.float64).tiny)
+            bound = bound.clamp(max=1.0)
+            done = (bound >= self.energy_target) | last
+            if bool(done.any()):
+                parts.append(self._finish(mats, rows, kr, fit, done, bound, passes, room, k, transposed))
+            if bool(done.all()):
+                break
+            rows = rows[~done]
+            kr.keep(~done)
+            kr.qs.append(kr.qz)
+        return _assemble(parts, L, T, transposed)
+
+    def _short_probe(self, batch, dim):
+        """Seeded Gaussian [batch, dim, PROBE_COLUMNS] on the short side, one for every matrix."""
+        gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
+        x = torch.randn(dim, PROBE_COLUMNS, generator=gen).to(self.device, self.compute_dtype)
+        return x.expand(batch, -1, -1)
+
+    def _krylov_stage(self, mats, rows, kr):
+        """B_j^T = A^T Q_j, then Y = A B_j^T and the frontier Z = (I - Q Q^T) Y = Q_z S. The
+        probe rides along both passes: a block of (A A^T)-power steps on the residual."""
+        c = kr.qs[-1].shape[-1]
+        out = mats.bwd(rows, torch.cat([kr.qs[-1], _project_out(kr.probe, kr.qs)], -1))
+        bt, x = out[..., :c], out[..., c:]
+        kr.add_right(bt, self.gram)
+        out = mats.fwd(rows, torch.cat([bt, x], -1))
+        y, ax = out[..., :c], out[..., c:]
+        kr.xs.append(x)
+        kr.axs.append(ax)
+        kr.probe = ax
+        # the same rounding floor as the fixed schedule's Krylov blocks (see _krylov_range)
+        floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
+        z = _project_out(_project_out(y, kr.qs), kr.qs)
+        kr.qz = P.range_basis(P.range_basis(z, floor))
+        kr.s = (kr.qz.mT @ z).double()
+
+    def _right_form(self, kr, k):
+        """The SVD of A P with P = B^T L^-T (Theta = B B^T = L L^T). In the coordinates of
+        [Q, Q_z], A B^T = [Theta; 0 .. 0 S], so A P = G = [L; 0 .. 0 X] with X = S L_ll^-T
+        (L_ll: L's last diagonal block). G^T G's eigenvectors only from the second stage on,
+        where most matrices finish (the first stage's are rarely worth their cost)."""
+        c = kr.s.shape[-1]
+        with P.serial_lapack(kr.theta):     # small matrices: LAPACK's threads cost more than they save
+            chol, live = _cholesky_with_zero_columns(kr.theta)
+            x = torch.linalg.solve_triangular(chol[..., -c:, -c:].mT, kr.s, upper=True, left=False)   # X L_ll^T = S
+        fit = _Fit(chol, live, x)
+        if len(kr.qs) > 1:
+            sig2, vec = self.sym_eigh(fit.gtg())
+            fit.vec = vec.flip(-1)[..., :k]
+        else:
+            sig2 = _eigvalsh(fit.gtg())
+        fit.sig2 = sig2.flip(-1).clamp_min(0)
+        fit.kept = fit.sig2[..., :k].sum(-1)
+        return fit
+
+    def _energy_ceiling(self, kr, fit, k, d, last):
+        """An upper bound on the exact top-k energy of A (see _energy_ceiling_of). Where the
+        free slots alone already put the ratio below the target (G G^T's eigenvalues with
+        rho repeated: a lower value of the same bound), that value stands in for it on a
+        matrix that goes on anyway (not at its `last` stage): the (w + c)-wide eigensolve
+        is spared."""
+        rho = RHO_MARGIN[len(kr.qs) > 1] * self._residual_norm(kr, fit)
+        free = (d - kr.rank() - kr.s.shape[-1]).clamp(0, k)
+        ceiling = _top_k_with_slots(fit.sig2, rho, free, k)
+        near = (fit.kept >= self.energy_target * ceiling) | last
+        if bool(near.any()):
+            ceiling[near] = _energy_ceiling_of(kr.theta[near], kr.s[near], fit.x[near], rho[near], free[near], k)
+        return ceiling
+
+    def _residual_norm(self, kr, fit):
+        """An estimate of ||A (I - P P^T)||_2^2 from below: the largest Ritz value of
+        (I - PP^T) A^T A (I - PP^T) on the probe's blocks X_i. They came from power steps on
+        the residual, and A X_i rode along the forward passes, so it costs no pass."""
+        x, ax = torch.cat(kr.xs, -1), torch.cat(kr.axs, -1)
+        bx = torch.cat([q.mT @ ax for q in kr.qs], -2).double()                  # B X = Q^T A X
+        with P.serial_lapack(bx):
+            pbx = torch.linalg.solve_triangular(fit.chol, bx, upper=False)       # P^T X
+        gram = self.gram(x).double() - pbx.mT @ pbx                              # of (I - PP^T) X
+        basis = kr.qs + [kr.qz]
+        coef = fit.times_g(pbx).to(ax.dtype).split([b.shape[-1] for b in basis], -2)
+        av = (ax - _blocks_times(basis, coef)).double()                          # A (I - PP^T) X
+        with P.serial_lapack(gram):
+            lam, vec = torch.linalg.eigh(gram)
+            keep = lam > lam[..., -1:] * 1e-8
+            white = vec * torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam)).unsqueeze(-2)
+            return torch.linalg.eigvalsh(white.mT @ (av.mT @ av) @ white)[..., -1].clamp_min(0)
+
+    def _finish(self, mats, rows, kr, fit, done, bound, passes, room, k, transposed):
+        """Factors of the finished matrices: G = W diag(s) Y^T gives U = [Q, Q_z] G Y / s and
+        V = P Y = B^T L^-T Y. A matrix out of room below the target gets the exact SVD."""
+        idx = done.nonzero().squeeze(-1)
+        sub = fit.take(idx)
+        if sub.vec is None:
+            sig2, vec = self.sym_eigh(sub.gtg())
+            sub.vec = vec.flip(-1)[..., :k]
+        vec, s = sub.vec, sub.sig2[..., :k].sqrt()
+        with P.serial_lapack(vec):
+            cv = torch.linalg.solve_triangular(sub.chol.mT, vec, upper=True)
+        dtype = kr.qs[0].dtype
+        cu = (sub.times_g(vec) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)).to(dtype)
+        widths = [q.shape[-1] for q in kr.qs]
+        u = _blocks_times([q[idx] for q in kr.qs] + [kr.qz[idx]], cu.split(widths + [kr.qz.shape[-1]], -2))
+        v = _blocks_times([b[idx] for b in kr.bts], cv.to(dtype).split(widths, -2))
+        part = _Part(rows[idx], u, s.to(dtype), v, bound[idx],
+                     torch.full_like(idx, passes), (bound[idx] < self.energy_target) & room)
+        short = (bound[idx] < self.energy_target) & (not room)
+        if bool(short.any()):
+            part.replace_exact(short, mats, k, self.compute_dtype, transposed)
+        return part
 
     def _block_gram(self, blocks):
         """[b_1 ... b_j]^T [b_1 ... b_j] from the blocks, without concatenating them."""
@@ -212,3 +386,197 @@ def _blocks_times(blocks, ws):
         flat = out.reshape(-1, *out.shape[-2:])
         flat.baddbmm_(b.reshape(-1, *b.shape[-2:]), w.reshape(-1, *w.shape[-2:]))
     return out
+
+
+# -- the adaptive range finder's state and its bound ----------------------------------------
+class _ActiveMatrices:
+    """A = tau (or tau^T) for the rows (l * T + t) of a batch still being refined. Products go
+    through the backend's hooks on views of the task matrices, run by run, never on copies."""
+
+    def __init__(self, finetuned, base, fwd, bwd):
+        self.finetuned, self.base, self._fwd, self._bwd = finetuned, base, fwd, bwd
+
+    def fwd(self, rows, x):
+        """A x: x [rows, long side, c] -> [rows, short side, c]."""
+        return self._apply(self._fwd, rows, x)
+
+    def bwd(self, rows, y):
+        """A^T y: y [rows, short side, c] -> [rows, long side, c]."""
+        return self._apply(self._bwd, rows, y)
+
+    def runs(self, rows):
+        """(layer, first task, end task, offset in rows) for each run of consecutive rows within a layer."""
+        T = self.finetuned.shape[1]
+        out, flat = [], rows.tolist()
+        for key, group in itertools.groupby(enumerate(flat), lambda it: (it[1] // T, it[1] - it[0])):
+            group = list(group)
+            out.append((key[0], group[0][1] % T, group[-1][1] % T + 1, group[0][0]))
+        return out
+
+    def view(self, l, t0, t1):
+        return self.finetuned[l:l + 1, t0:t1], None if self.base is None else self.base[l:l + 1]
+
+    def _apply(self, hook, rows, x):
+        L, T = self.finetuned.shape[:2]
+        if rows.numel() == L * T:
+            return hook(self.finetuned, self.base, x.reshape(L, T, *x.shape[-2:])).flatten(0, 1)
+        return torch.cat([hook(*self.view(l, t0, t1), x[i:i + t1 - t0].unsqueeze(0))[0]
+                          for l, t0, t1, i in self.runs(rows)])
+
+
+class _Krylov:
+    """Per matrix: the blocks Q_i (short side), B_i^T = A^T Q_i, Theta = B B^T (fp64), the probe's
+    blocks X_i (long side) and A X_i, and after each forward pass the frontier Z = Q_z S."""
+
+    def __init__(self, q, probe):
+        self.qs, self.bts, self.xs, self.axs = [q], [], [], []
+        self.theta, self.probe, self.qz, self.s = None, probe, None, None
+
+    @property
+    def width(self) -> int:
+        return sum(q.shape[-1] for q in self.qs)
+
+    def rank(self):
+        """Nonzero columns of the basis (range_basis leaves zero columns for converged directions)."""
+        return sum((q.abs().amax(-2) > 0).sum(-1) for q in self.qs)
+
+    def add_right(self, bt, gram):
+        column = torch.cat([(b.mT @ bt).double() for b in self.bts] + [gram(bt).double()], -2)
+        w = column.shape[-2] - bt.shape[-1]
+        if self.theta is None:
+            self.theta = column
+        else:
+            self.theta = torch.cat([torch.cat([self.theta, column[..., :w, :]], -1), column.mT], -2)
+        self.bts.append(bt)
+
+    def keep(self, mask):
+        for name in ("qs", "bts", "xs", "axs"):
+            setattr(self, name, [t[mask] for t in getattr(self, name)])
+        self.theta, self.probe, self.qz, self.s = self.theta[mask], self.probe[mask], self.qz[mask], self.s[mask]
+
+
+class _Fit:
+    """A P = G = [L; 0 .. 0 X] in the coordinates of [Q, Q_z] (zero columns of the basis masked
+    out of L), with Theta = L L^T and X = S L_ll^-T; sig2 and kept: G^T G's eigenvalues
+    (descending) and the top-k sum of them; vec: its top-k eigenvectors."""
+
+    def __init__(self, chol, live, x):
+        self.chol, self.x = chol, x
+        self.l = chol * live.unsqueeze(-2)
+        self.sig2 = self.kept = self.vec = None   # vec: the top-k eigenvectors of G^T G, where computed
+
+    def take(self, idx):
+        fit = _Fit.__new__(_Fit)
+        fit.chol, fit.x, fit.l, fit.sig2 = self.chol[idx], self.x[idx], self.l[idx], self.sig2[idx]
+        fit.kept, fit.vec = self.kept[idx], None if self.vec is None else self.vec[idx]
+        return fit
+
+    def gtg(self):
+        """G^T G = L^T L + [0; X^T][0, X]."""
+        c = self.x.shape[-1]
+        out = self.l.mT @ self.l
+        out[..., -c:, -c:] += self.x.mT @ self.x
+        return out
+
+    def times_g(self, y):
+        """G y for y [..., w, n]: [L y; X y_last]."""
+        c = self.x.shape[-1]
+        return torch.cat([self.l @ y, self.x @ y[..., -c:, :]], -2)
+
+
+class _Part:
+    """Finished matrices of one stage: their rows, factors (A's orientation), bound, passes, capped."""
+
+    def __init__(self, rows, u, s, v, energy, passes, capped):
+        self.rows, self.u, self.s, self.v, self.energy, self.passes, self.capped = rows, u, s, v, energy, passes, capped
+
+    def replace_exact(self, which, mats, k, dtype, transposed):
+        """The exact SVD for the rows in `which` (a matrix whose short side is nearly spanned)."""
+        sub = self.rows[which]
+        us, ss, vs = [], [], []
+        for l, t0, t1, _ in mats.runs(sub):
+            svd = exact_task_svd(*mats.view(l, t0, t1), k, dtype)
+            us.append(svd.u[0]), ss.append(svd.s[0]), vs.append(svd.v[0])
+        u, s, v = torch.cat(us), torch.cat(ss), torch.cat(vs)
+        if transposed:
+            u, v = v, u
+        self.u[which], self.s[which], self.v[which] = u.to(self.u.dtype), s.to(self.s.dtype), v.to(self.v.dtype)
+        self.energy[which] = 1.0
+
+
+def _assemble(parts, L, T, transposed) -> TaskSVD:
+    first = parts[0]
+    u = first.u.new_empty(L * T, *first.u.shape[1:])
+    v = first.v.new_empty(L * T, *first.v.shape[1:])
+    s = first.s.new_empty(L * T, first.s.shape[-1])
+    energy = torch.empty(L * T, dtype=torch.float64, device=first.energy.device)
+    passes = torch.empty(L * T, dtype=torch.long, device=first.rows.device)
+    capped = torch.empty(L * T, dtype=torch.bool, device=first.rows.device)
+    for p in parts:
+        u[p.rows], v[p.rows], s[p.rows] = p.u, p.v, p.s
+        energy[p.rows], passes[p.rows], capped[p.rows] = p.energy, p.passes, p.capped
+    u, v = u.unflatten(0, (L, T)), v.unflatten(0, (L, T))
+    if transposed:
+        u, v = v, u
+    return TaskSVD(u, s.unflatten(0, (L, T)), v, energy.unflatten(0, (L, T)).cpu(),
+                   passes.unflatten(0, (L, T)).cpu(), capped.unflatten(0, (L, T)).cpu())
+
+
+def _cholesky_with_zero_columns(theta):
+    """(L, live): the lower Cholesky factor of the Gram Theta [..., w, w] (fp64) and which of
+    its columns are not zero. Zero columns (converged Krylov directions, zero in the basis)
+    get a unit pivot, so that P = B^T L^-T has zero columns there, and `_Fit` masks them out
+    of G; every pivot gets a relative jitter far below the fp32 data's rounding."""
+    diag = theta.diagonal(dim1=-2, dim2=-1)
+    live = diag > 0
+    scale = diag.amax(-1, keepdim=True).clamp_min(torch.finfo(theta.dtype).tiny)
+    for jitter in (1e-12, 1e-8, 1e-4):
+        chol, info = torch.linalg.cholesky_ex(theta + torch.diag_embed(torch.where(live, jitter * scale, scale)))
+        if not bool((info != 0).any()):
+            return chol, live
+    raise FloatingPointError("the Krylov basis's Gram matrix is not positive definite even with a 1e-4 jitter")
+
+
+def _energy_ceiling_of(theta, s, x, rho, free, k):
+    """An upper bound on the exact top-k energy of A, E_k = the top-k sum of eig(A A^T).
+
+    In the coordinates of [Q, Q_z, rest], A A^T = G G^T + U with U = A (I - PP^T) A^T: U is PSD,
+    vanishes on span(Q) (Q^T A lies in span(P)), and ||U|| = rho. So A A^T <= G G^T + rho J
+    (J: the identity off span(Q)), and by Ky Fan E_k is at most the top-k sum of the
+    eigenvalues of G G^T + rho [0 0; 0 I_c] = [Theta, [0; S^T]; [0, S], X X^T + rho I]
+    together with rho repeated over the rest (`free` of them count). The bound is exact where
+    the unseen part is rho times an identity, and rigorous whenever rho >= ||A (I - PP^T)||_2^2.
+    """
+    w, c = theta.shape[-1], s.shape[-1]
+    m = theta.new_zeros(*theta.shape[:-2], w + c, w + c)
+    m[..., :w, :w] = theta
+    m[..., w:, w - c:w] = s
+    m[..., w - c:w, w:] = s.mT
+    m[..., w:, w:] = x @ x.mT + torch.diag_embed(rho.unsqueeze(-1).expand(*rho.shape, c))
+    return _top_k_with_slots(_eigvalsh(m), rho, free, k)
+
+
+_eigvalsh_pool = None
+
+
+def _eigvalsh(a):
+    """Eigenvalues of symmetric a [..., n, n], ascending. On CPU the batch is split over threads
+    with single-threaded LAPACK each, as `primitives.sym_eigh` does for eigh (a values-only
+    mode there would be this helper's home)."""
+    global _eigvalsh_pool
+    threads = torch.get_num_threads()
+    flat = a.reshape(-1, *a.shape[-2:])
+    if a.is_cuda or threads < 2 or flat.shape[0] < 2 or flat.shape[0] * a.shape[-1] ** 3 < P.THREADED_EIGH_WORK:
+        with P.serial_lapack(a):
+            return torch.linalg.eigvalsh(a)
+    if _eigvalsh_pool is None:     # torch's thread count is per thread: one each in the pool
+        _eigvalsh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigvalsh",
+                                                               initializer=torch.set_num_threads, initargs=(1,))
+    return torch.cat(list(_eigvalsh_pool.map(torch.linalg.eigvalsh, flat.tensor_split(threads)))).reshape(a.shape[:-1])
+
+
+def _top_k_with_slots(ev, rho, free, k):
+    """The top-k sum of the eigenvalues `ev` [..., n] together with `free` [...] copies of rho [...]."""
+    slots = torch.where(torch.arange(k, device=rho.device) < free.unsqueeze(-1), rho.unsqueeze(-1),
+                        torch.zeros((), dtype=rho.dtype, device=rho.device))
+    return torch.cat([ev, slots], -1).topk(k, -1).values.sum(-1)

@@ -30,7 +30,7 @@ def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procr
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
     kk = svd.s.shape[-1]
     gu, gv = backend.factor_gram(u, kk), backend.factor_gram(v, kk)   # shared by STI and orthogonalisation
-    stats = {"energy": svd.energy}
+    stats = {"energy": svd.energy, "passes": svd.passes, "capped": svd.capped}
     if report_sti:
         stats["sti"] = sti(gu, s, gv)
     ru, rv = backend.orthogonal_root(u, orthogonalize, kk, gu), backend.orthogonal_root(v, orthogonalize, kk, gv)

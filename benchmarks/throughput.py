@@ -65,6 +65,8 @@ def run_one(cfg: dict) -> dict:
     from tsvmerge.zoo import Arch, make_zoo_dicts
 
     options = {k: cfg[k] for k in ("power_iters", "oversample") if cfg.get(k) is not None and cfg["backend"] != "reference"}
+    if cfg.get("energy_target", "default") != "default":
+        options["energy_target"] = None if cfg["energy_target"] == "none" else float(cfg["energy_target"])
     merge_args = dict(method="tsv", backend=cfg["backend"], device=cfg["device"], progress=False, **options)
     # Warm up library code paths (LAPACK, CUDA context) on a tiny model outside the timing.
     tiny = Arch("warmup", width=64, layers=1, patch=16, image=64, output_dim=32)
@@ -97,7 +99,10 @@ def run_one(cfg: dict) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     entries = report["tensors"].values()
     energies = [e["energy"] for e in entries if "energy" in e]
+    passes = [e["passes"] for e in entries if "passes" in e]
     return {
+        "mean_passes": sum(passes) / len(passes) if passes else None,
+        "capped": len(report["summary"].get("capped", {})),
         "wall_s": wall,
         "cpu_s": cpu,
         "rss_before_merge_gb": rss_before / 1e9,
@@ -150,13 +155,14 @@ def sweep(args) -> list[dict]:
             for tasks in args.tasks:
                 for source in args.sources:
                     zoos = {}  # layer count -> Zoo, shared by the backends
-                    for backend in args.backends:
+                    for backend, target in [(b, t) for b in args.backends
+                                            for t in (["default"] if b == "reference" else args.energy_targets)]:
                         layers = full_layers
                         if backend == "reference" and args.reference_layers:
                             layers = min(full_layers, args.reference_layers)
                         row = {"arch": arch, "tasks": tasks, "backend": backend, "source": source,
                                "device": args.device, "layers": layers, "full_layers": full_layers,
-                               "spectrum": args.spectrum}
+                               "spectrum": args.spectrum, "energy_target": target}
                         input_bytes = (tasks + 1) * model_bytes(arch, layers)
                         if source == "memory" and input_bytes > 0.8 * psutil.virtual_memory().available:
                             row["skipped"] = f"in memory needs {input_bytes / 1e9:.1f} GB of inputs resident"
@@ -187,7 +193,12 @@ def sweep(args) -> list[dict]:
 
 # -- output ---------------------------------------------------------------------------
 HEADER = ("| arch | T | backend | source | layers run/full | wall s (run) | CPU s (run) | wall s (full model) | "
-          "task-vector GB/s | peak RSS GB | peak GPU GB | min / mean energy |")
+          "task-vector GB/s | peak RSS GB | peak GPU GB | min / mean energy | passes (mean) | capped |")
+
+
+def backend_label(r: dict) -> str:
+    target = r.get("energy_target", "default")
+    return r["backend"] if target == "default" else f"{r['backend']} (energy_target {target})"
 
 
 def fmt(x, spec):
@@ -195,18 +206,19 @@ def fmt(x, spec):
 
 
 def format_row(r: dict) -> str:
-    lead = f"| {r['arch']} | {r['tasks']} | {r['backend']} | {r['source']} | {r['layers']}/{r['full_layers']} |"
+    lead = f"| {r['arch']} | {r['tasks']} | {backend_label(r)} | {r['source']} | {r['layers']}/{r['full_layers']} |"
     if "wall_s" not in r:
-        return lead + f" {r.get('skipped') or r.get('error')} | | | | | | |"
+        return lead + f" {r.get('skipped') or r.get('error')} | | | | | | | | |"
     scaled = " (scaled)" if r["scaled"] else ""
     return (lead + f" {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['wall_s_full']:.2f}{scaled} | {r['gbps']:.3f} | {r['peak_rss_gb']:.2f} | "
-            f"{fmt(r['peak_gpu_gb'], '.2f')} | {fmt(r['min_energy'], '.4f')} / {fmt(r['mean_energy'], '.4f')} |")
+            f"{fmt(r['peak_gpu_gb'], '.2f')} | {fmt(r['min_energy'], '.4f')} / {fmt(r['mean_energy'], '.4f')} | "
+            f"{fmt(r.get('mean_passes'), '.2f')} | {r.get('capped', '-')} |")
 
 
 def speedups(rows: list[dict]) -> list[str]:
     """reference / torch full-model wall time per (arch, T, source)."""
     lines = []
-    done = {(r["arch"], r["tasks"], r["source"], r["backend"]): r for r in rows if "wall_s" in r}
+    done = {(r["arch"], r["tasks"], r["source"], backend_label(r)): r for r in rows if "wall_s" in r}
     for (arch, tasks, source, backend), fast in done.items():
         ref = done.get((arch, tasks, source, "reference"))
         if backend != "reference" and ref:
@@ -231,7 +243,9 @@ def write_results(rows, args, meta) -> str:
              f"- reference rows run on the first {args.reference_layers} blocks; their full-model wall time is "
              "scaled by spectral bytes (marked `scaled`)." if args.reference_layers else "- every row ran on the full model.",
              "- peak RSS: the child process's ru_maxrss, including the zoo itself when in memory.",
-             "- energy: the torch backend's estimate of captured top-k energy (1.0 for exact), min / mean over tensors.",
+             "- energy: the torch backend's bound on captured top-k energy (1.0 for exact), min / mean over tensors; "
+             "passes: products with each task matrix, mean over spectral tensors; capped: tensors that stopped at "
+             "max_passes below the energy target.",
              "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     lines += [format_row(r) for r in rows]
     speed = speedups(rows)
@@ -261,6 +275,9 @@ def parse(argv=None):
     p.add_argument("--spectrum", default="powerlaw", choices=SPECTRA)
     p.add_argument("--power-iters", type=int, help="torch backend option (default: the backend's)")
     p.add_argument("--oversample", type=int, help="torch backend option (default: the backend's)")
+    p.add_argument("--energy-targets", nargs="+", default=["default"], metavar="TARGET",
+                   help="torch backend energy_target values, one run each: a fraction, 'none' (the fixed "
+                   "schedule) or 'default' (default: %(default)s)")
     p.add_argument("--scratch", default=tempfile.gettempdir(), help="where zoos and merged outputs go")
     p.add_argument("--results", default=RESULTS)
     return p.parse_args(argv)

@@ -8,7 +8,7 @@ import tsvmerge
 from tsvmerge import primitives as P
 from tsvmerge.backends import get_backend
 from tsvmerge.methods.tsv import concat_tasks
-from tsvmerge.zoo import SPECTRA, Arch, make_zoo_dicts
+from tsvmerge.zoo import SPECTRA, Arch, make_zoo, make_zoo_dicts
 
 SMALL = Arch("small", width=96, layers=2, patch=16, image=64, output_dim=48)
 # Wide enough for three Krylov stages at T = 8 (k = 20, blocks of 30 on a short side of 160);
@@ -291,3 +291,25 @@ def test_fixed_schedule_without_a_target(seed):
 def test_energy_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         get_backend("torch", **options)
+
+
+def test_cli_energy_flags(tmp_path, capsys):
+    """--energy-target none runs the fixed schedule; --max-passes caps the adaptive one and
+    the summary names the capped tensors."""
+    from tsvmerge.cli import main
+    zoo = make_zoo(str(tmp_path / "zoo"), MID, tasks=8, seed=3, spectrum="flatfloor", progress=False)
+    runs = {"fixed": ["--energy-target", "none"], "capped": ["--max-passes", "3"], "target": ["--energy-target", "0.99"]}
+    reports = {}
+    for label, flags in runs.items():
+        report = tmp_path / f"{label}.json"
+        assert main(["merge", zoo.base, *zoo.finetuned, "-o", str(tmp_path / label), "--backend", "torch",
+                     "--report", str(report), "--no-progress", *flags]) == 0
+        reports[label] = json.loads(report.read_text())
+    printed = capsys.readouterr().out
+    assert reports["fixed"]["backend"]["energy_target"] is None
+    assert {e["passes"] for e in reports["fixed"]["tensors"].values() if "passes" in e} == {4}
+    assert reports["capped"]["summary"]["capped"] and "capped: visual." in printed
+    assert reports["target"]["backend"]["energy_target"] == 0.99
+    with pytest.raises(SystemExit):
+        main(["merge", zoo.base, *zoo.finetuned, "-o", str(tmp_path / "bad"), "--energy-target", "1.5"])
+    assert "energy target must be in (0, 1]" in capsys.readouterr().err

@@ -192,10 +192,12 @@ class TorchBackend(Backend):
         """B_j^T = A^T Q_j, then Y = A B_j^T and the frontier Z = (I - Q Q^T) Y = Q_z S. The
         probe rides along both passes: a block of (A A^T)-power steps on the residual."""
         c = kr.qs[-1].shape[-1]
-        # contiguous parts: views would keep the whole product alive and make every later use copy
-        bt, x = (t.contiguous() for t in mats.bwd(rows, torch.cat([kr.qs[-1], _project_out(kr.probe, kr.qs)], -1)).split(c, -1))
+        back = mats.bwd(rows, torch.cat([kr.qs[-1], _project_out(kr.probe, kr.qs)], -1))     # [B^T_j, X]
+        # contiguous parts: views would make every later product with them copy them first
+        bt, x = (t.contiguous() for t in back.split(c, -1))
         kr.add_right(bt, self.gram)
-        y, ax = (t.contiguous() for t in mats.fwd(rows, torch.cat([bt, x], -1)).split(c, -1))
+        y, ax = (t.contiguous() for t in mats.fwd(rows, back).split(c, -1))
+        del back
         kr.xs.append(x)
         kr.axs.append(ax)
         kr.probe = ax

@@ -2,7 +2,7 @@
 
 `open_checkpoint` accepts a state dict, a safetensors file, a PyTorch `.pt/.bin/.pth`
 state dict, a Hugging Face folder (single file or sharded with an index json), or a
-TSV-C compressed task written by `tsvmerge.compress`.
+TSV-C compressed task written by `tsvmerge.compress` (read by `tsvc_file.CompressedTask`).
 """
 from __future__ import annotations
 
@@ -13,10 +13,8 @@ import os
 import torch
 
 from .errors import InputError
-from ..primitives import upcast
 from .safetensors import TensorInfo, read_header, read_tensor
 
-TSVC_FORMAT = "tsvmerge.tsvc"
 HEAD_BYTES = 64
 
 
@@ -179,76 +177,11 @@ class ShardedFolder(Checkpoint):
             ckpt.release()
 
 
-class CompressedTask(Checkpoint):
-    """A TSV-C task: low-rank factors for spectral tensors, dense task vectors for the rest.
-
-    `store` holds tensors `NAME.tsvc_u/_s/_v` for factored names and `NAME` otherwise;
-    `metadata["spectral"]` maps factored names to their full shapes.
-    """
-
-    is_delta = True
-
-    def __init__(self, store: Checkpoint, metadata: dict):
-        self.store, self.metadata, self.source = store, metadata, store.source
-        try:
-            self.shapes = {name: tuple(shape) for name, shape in json.loads(metadata["spectral"]).items()}
-        except (KeyError, ValueError, TypeError):
-            raise InputError(self.source, None, "TSV-C file without a valid 'spectral' metadata entry") from None
-
-    def infos(self):
-        out = {}
-        for name, info in self.store.infos().items():
-            if name.endswith((".tsvc_s", ".tsvc_v")):
-                continue
-            if name.endswith(".tsvc_u"):
-                name = name[: -len(".tsvc_u")]
-                info = TensorInfo(self.shapes[name], info.dtype)
-            out[name] = info
-        return out
-
-    @property
-    def reads_files(self):
-        return self.store.reads_files
-
-    def head(self, name):
-        """From the stored tensors: rebuilding a factored one would be a full product."""
-        return self.store.head(name + ".tsvc_u" if name in self.shapes else name)
-
-    def base_mismatch(self, base: Checkpoint) -> str | None:
-        """Why this task cannot be used with `base` (it was made against another), or None."""
-        want = self.metadata.get("base_fingerprint")
-        got = base.fingerprint()
-        if want and want != got:
-            return (f"was compressed against a different base (fingerprint {want}; {base.source} has {got}): "
-                    "pass the base it was made from")
-        return None
-
-    def stored_rank(self, name: str) -> int:
-        return self.store.infos()[name + ".tsvc_s"].shape[0]
-
-    def factors(self, name):
-        if name not in self.shapes:
-            return None
-        return tuple(self.store.read(name + suffix) for suffix in (".tsvc_u", ".tsvc_s", ".tsvc_v"))
-
-    def read(self, name):
-        """The task vector (dense), rebuilt from its factors where stored factored."""
-        f = self.factors(name)
-        if f is None:
-            return self.store.read(name)
-        u, s, v = (upcast(x) for x in f)
-        return ((u * s) @ v.T).to(f[0].dtype)
-
-    def release(self):
-        self.store.release()
-
-
 def _open_file(path: str) -> Checkpoint:
     if path.endswith(".safetensors"):
+        from .tsvc_file import FORMAT, CompressedTask  # it builds on Checkpoint, defined here
         ckpt = SafetensorsFile(path)
-        if ckpt.metadata.get("format") == TSVC_FORMAT:
-            return CompressedTask(ckpt, ckpt.metadata)
-        return ckpt
+        return CompressedTask(ckpt, ckpt.metadata) if ckpt.metadata.get("format") == FORMAT else ckpt
     if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
         return TorchFile(path)
     raise InputError(path, None, "unknown file type (expected .safetensors, .pt, .pth or .bin)")

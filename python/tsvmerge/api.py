@@ -13,6 +13,8 @@ from . import __version__
 from .backends import backend_class
 from .engine import run_merge
 from .io import CompressedTask, InputError, TensorInfo, atomic_file, model_writer, open_checkpoint
+from .io.model_files import carry_model_files
+from .io.names import align_names
 from .methods import get_method
 from .options import resolve, split
 from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
@@ -33,11 +35,13 @@ def parse_dtype(d) -> torch.dtype | None:
     return out
 
 
-def open_inputs(base, finetuned):
-    """The base and the task checkpoints, opened lazily; TSV-C tasks checked against the base."""
+def open_inputs(base, finetuned, trust_pickle: bool = False):
+    """The base and the task checkpoints, opened lazily, the tasks under the base's names
+    (`io.names`); TSV-C tasks checked against the base."""
     if isinstance(finetuned, (str, os.PathLike, dict)):
         raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
-    base, tasks = open_checkpoint(base), [open_checkpoint(f) for f in finetuned]
+    base = open_checkpoint(base, trust_pickle)
+    tasks = [align_names(open_checkpoint(f, trust_pickle), base) for f in finetuned]
     if isinstance(base, CompressedTask):
         raise InputError(base.source, None, "is a TSV-C file (a compressed task vector), not a base model: "
                          "pass the base checkpoint it was made from")
@@ -75,6 +79,12 @@ def split_options(options: dict, method, backend_name: str, device) -> tuple[dic
     return resolve(method.options, for_method, f"method {method.name!r}"), for_backend
 
 
+def describe_inputs(checkpoints) -> list[dict]:
+    """The report's record of each input: where it came from, its fingerprint, how it was read."""
+    return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {})}
+            for c in checkpoints]
+
+
 def write_json(path, obj):
     with atomic_file(path) as tmp:
         with open(tmp, "w") as f:
@@ -85,20 +95,23 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          **options):
+          trust_pickle: bool = False, **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
     (TSV-C files from `compress` are accepted too). Without `out`, returns a dict of
-    merged tensors with the base's dtypes; with `out`, writes a model folder atomically
-    and returns the report. `report=FILE` also writes the JSON report there. `options` are
-    the method's and the backend's (`tsvmerge.METHODS[name].options`, `backend.OPTIONS`).
+    merged tensors with the base's dtypes and names; with `out`, writes a model folder
+    atomically and returns the report (a base folder's config and tokenizer files are carried
+    over: `io.model_files`). `report=FILE` also writes the JSON report there. `trust_pickle`
+    lets `.pt/.bin` files that hold whole pickled modules be unpickled (it can run code).
+    `options` are the method's and the backend's (`tsvmerge.METHODS[name].options`,
+    `backend.OPTIONS`).
     """
     start = time.perf_counter()
     m = get_method(method)
     method_options, backend_options = split_options(options, m, backend, device)
     be = make_backend(backend, device, compute_dtype, seed, backend_options)
-    base_ckpt, tasks = open_inputs(base, finetuned)
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
     rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
@@ -108,12 +121,13 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
              for n, p in plan.tensors.items()}
     meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
-            "inputs": [{"source": c.source, "fingerprint": c.fingerprint()} for c in [base_ckpt] + tasks]}
+            "inputs": describe_inputs([base_ckpt] + tasks)}
 
-    def run(write):
+    def run(write, carried=None):
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
                             progress=progress)
-        rep = {**meta, "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
+        rep = {**meta, **({} if carried is None else {"carried": carried}), "tensors": entries,
+               "summary": _summary(entries, time.perf_counter() - start)}
         if report:
             write_json(report, rep)
         return rep
@@ -124,7 +138,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         return merged
     with model_writer(out, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
                       overwrite=overwrite) as writer:
-        rep = run(writer.write)
+        rep = run(writer.write, carry_model_files(base, writer.folder))
         write_json(os.path.join(writer.folder, REPORT_NAME), rep)
     return rep
 

@@ -17,7 +17,8 @@ from .plan import DEFAULT_BATCH_BYTES, SPECTRAL, merge_rank, plan_merge
 def interference(base, finetuned, *, exclude=(), preset: str | None = None, backend: str = "auto",
                  device: str = "cpu", compute_dtype="float32", k: int | None = None,
                  orthogonalize: str = "procrustes", seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                 progress: bool | None = None, report: str | None = None, **options) -> dict:
+                 progress: bool | None = None, report: str | None = None, trust_pickle: bool = False,
+                 **options) -> dict:
     """STI per spectral tensor, before and after orthogonalisation, and the T x T task-pair
     overlaps ||U_i^T U_j||_F / sqrt(k) (likewise V; the diagonal is 1). `options` are the
     backend's."""
@@ -25,7 +26,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
     if orthogonalize not in ORTHOGONALIZE:
         raise ValueError(f"unknown orthogonalize={orthogonalize!r} (choose {' or '.join(ORTHOGONALIZE)})")
     be = make_backend(backend, device, compute_dtype, seed, options)
-    base_ckpt, tasks = open_inputs(base, finetuned)
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     T = len(tasks)
     plan = plan_merge(base_ckpt, tasks, spectral_rank=functools.partial(merge_rank, T=T, k=k),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)

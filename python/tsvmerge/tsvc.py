@@ -15,6 +15,7 @@ from .api import DEFAULT_SHARD_SIZE, exclusions, make_backend, open_inputs, pars
 from .engine import iter_batches
 from .io import CompressedTask, InputError, TensorInfo, file_writer, model_writer
 from .io.checkpoint import DictCheckpoint
+from .io.model_files import carry_model_files
 from .io import tsvc_file
 from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge
 
@@ -45,7 +46,8 @@ def stored_rank(shape, rank) -> tuple[int, str]:
 
 def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str | None = None,
              backend: str = "reference", device: str = "cpu", compute_dtype="float32", seed: int = 0,
-             batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, **options):
+             batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, trust_pickle: bool = False,
+             **options):
     """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
 
     With `out` (a .safetensors path) writes the file atomically and returns its report;
@@ -54,7 +56,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str
     """
     compression_rank((1 << 62, 1 << 62), rank)          # a bad rank fails before any work
     be = make_backend(backend, device, compute_dtype, seed, options)
-    base_ckpt, (task,) = open_inputs(base, [finetuned_one])
+    base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
@@ -118,10 +120,11 @@ def _compress_report(entries, meta) -> dict:
 
 
 def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = False,
-               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES):
+               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, trust_pickle: bool = False):
     """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back;
-    non-floating tensors as the fine-tune stored them)."""
-    base_ckpt, (task,) = open_inputs(base, [compressed])
+    non-floating tensors as the fine-tune stored them). With `out`, a model folder, with a base
+    folder's config and tokenizer files carried over (`io.model_files`)."""
+    base_ckpt, (task,) = open_inputs(base, [compressed], trust_pickle)
     if not isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
     plan = plan_merge(base_ckpt, [task], batch_bytes=batch_bytes)
@@ -147,5 +150,6 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
         return tensors
     with model_writer(out, infos, {"format": "pt", "tsvmerge": "decompressed"}, shard_size=DEFAULT_SHARD_SIZE,
                       overwrite=overwrite) as writer:
+        carried = carry_model_files(base, writer.folder)
         run(writer.write)
-    return {"out": os.path.abspath(out), "tensors": len(infos)}
+    return {"out": os.path.abspath(out), "tensors": len(infos), "carried": carried}

@@ -18,11 +18,8 @@ for _k, _v in OFFLINE.items():
 # open_clip model config: a ViT-B-32-shaped CLIP shrunk (width 32, 2 blocks per tower); the
 # vocabulary is open_clip's own tokenizer's, so get_tokenizer works on it.
 OPEN_CLIP_NAME = "tsvmerge-tiny-ViT"
-OPEN_CLIP_CONFIG = {
-    "embed_dim": 24,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "patch_size": 8, "head_width": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
-}
+OPEN_CLIP_CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "open_clip_configs",
+                                     OPEN_CLIP_NAME + ".json")
 HF_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30,
                  patch_size=10, projection_dim=24)
 HF_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vocab_size=60,
@@ -45,6 +42,13 @@ def max_relative_error(got: dict, want: dict) -> float:
     assert set(got) == set(want), sorted(set(got) ^ set(want))[:5]
     return max(float((got[k].double() - want[k].double()).norm() / max(want[k].double().norm(), 1e-30))
                for k in want)
+
+
+def load_merged(folder) -> dict:
+    """Every tensor of a model folder that tsvmerge wrote."""
+    from tsvmerge.io import open_checkpoint
+    ckpt = open_checkpoint(str(folder))
+    return {name: ckpt.read(name) for name in ckpt.infos()}
 
 
 # -- Hugging Face CLIP ------------------------------------------------------------------------
@@ -73,18 +77,20 @@ def hf_processor():
     return transformers.CLIPProcessor(image_processor=image, tokenizer=tokenizer)
 
 
-def hf_clip_family(folder, tasks: int, seed: int, vision_only: bool = False) -> tuple:
+def hf_clip_family(folder, tasks: int, seed: int, vision_only: bool = False, names=None) -> tuple:
     """A base folder (model, processor and tokenizer, via save_pretrained) and `tasks`
-    fine-tuned model folders; returns (base path, [task paths], base model)."""
+    fine-tuned model folders, named `names` (default base, ft0, ft1, ...); returns
+    (base path, [task paths], base model)."""
+    names = names or ["base"] + [f"ft{t}" for t in range(tasks)]
     model = hf_clip(vision_only)
-    base = os.path.join(folder, "base")
+    base = os.path.join(folder, names[0])
     model.save_pretrained(base)
     hf_processor().save_pretrained(base)
     paths = []
     for t in range(tasks):
         ft = hf_clip(vision_only)
         ft.load_state_dict(fine_tune(model.state_dict(), seed + t))
-        paths.append(os.path.join(folder, f"ft{t}"))
+        paths.append(os.path.join(folder, names[1 + t]))
         ft.save_pretrained(paths[-1])
     return base, paths, model
 
@@ -93,13 +99,8 @@ def hf_clip_family(folder, tasks: int, seed: int, vision_only: bool = False) -> 
 def open_clip():
     """open_clip, with the tiny config registered under OPEN_CLIP_NAME."""
     import open_clip as oc
-    import tempfile
     if OPEN_CLIP_NAME not in oc.list_models():
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, OPEN_CLIP_NAME + ".json")
-            with open(path, "w") as f:
-                json.dump(OPEN_CLIP_CONFIG, f)
-            oc.add_model_config(path)
+        oc.add_model_config(OPEN_CLIP_CONFIG_FILE)
     return oc
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("open_clip", reason="install tsvmerge[models] (the [test] ex
 import real_models as rm  # noqa: E402
 import tsvmerge  # noqa: E402
 from tsvmerge.cli import main  # noqa: E402
-from tsvmerge.io import InputError, load_file, open_checkpoint, save_file  # noqa: E402
+from tsvmerge.io import InputError, load_file, save_file  # noqa: E402
 from tsvmerge.io.model_files import model_files  # noqa: E402
 
 T = 3
@@ -25,11 +25,6 @@ SAME = 1e-6
 
 def cli(*args) -> None:
     assert main([str(a) for a in args]) == 0
-
-
-def merged_folder(path) -> dict:
-    ckpt = open_checkpoint(str(path))
-    return {name: ckpt.read(name) for name in ckpt.infos()}
 
 
 def no_key_problems(info: dict) -> bool:

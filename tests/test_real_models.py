@@ -201,6 +201,10 @@ def test_pickled_modules_are_refused_in_one_sentence(paper, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "m")
     assert main(["convert", str(folder / "zeroshot.pt"), str(tmp_path / "z.safetensors")]) == 2
     assert not os.path.exists(tmp_path / "z.safetensors")
+    assert main(["inspect", str(folder / "zeroshot.pt")]) == 2
+    capsys.readouterr()
+    cli("inspect", folder / "zeroshot.pt", "--trust-pickle")
+    assert "note: a pickled ImageEncoder module, unpickled in full" in capsys.readouterr().out
 
 
 def test_trusted_pickles_merge_and_load_into_the_image_encoder(paper, tmp_path):

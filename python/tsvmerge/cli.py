@@ -227,6 +227,8 @@ def _cmd_inspect(a) -> int:
     total = sum(i.numel for i in infos.values())
     dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos.values()})
     print(f"{ckpt.source}: {len(infos)} tensors, {total:,} numbers, dtypes {', '.join(dtypes)}")
+    for note in ckpt.notes:
+        print(f"  note: {note}")
     by_shape: dict = {}
     for info in infos.values():
         by_shape[info.shape] = by_shape.get(info.shape, 0) + 1

@@ -14,10 +14,11 @@ import shlex
 import pytest
 import torch
 
+import real_models as rm  # first: it sets the offline switches before transformers reads them
+
 pytest.importorskip("transformers", reason="install tsvmerge[models] (the [test] extra includes it)")
 pytest.importorskip("open_clip", reason="install tsvmerge[models] (the [test] extra includes it)")
 
-import real_models as rm  # noqa: E402
 from tsvmerge.cli import main  # noqa: E402
 
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")

@@ -8,10 +8,11 @@ import os
 import pytest
 import torch
 
+import real_models as rm  # first: it sets the offline switches before transformers reads them
+
 transformers = pytest.importorskip("transformers", reason="install tsvmerge[models] (the [test] extra includes it)")
 pytest.importorskip("open_clip", reason="install tsvmerge[models] (the [test] extra includes it)")
 
-import real_models as rm  # noqa: E402
 import tsvmerge  # noqa: E402
 from tsvmerge.cli import main  # noqa: E402
 from tsvmerge.io import InputError, load_file, save_file  # noqa: E402

@@ -161,13 +161,13 @@ def _print_merge(rep: dict, out: str) -> None:
     s = rep["summary"]
     print(f"merged {s['tensors']} tensors with {rep['method']} on backend {rep['backend']['backend']} "
           f"({rep['backend']['device']}) in {s['wall_s']:.2f} s -> {out}")
-    _print_notes(rep["inputs"])
-    _print_carried(rep.get("carried"))
     print(f"  spectral {s['spectral']}, dense {s['dense']}, copied {s['copy']}")
     if s.get("min_energy") is not None:
         print(f"  captured energy, an estimate that errs low (min over spectral tensors): {s['min_energy']:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
+    _print_notes(rep["inputs"])
+    _print_carried(rep.get("carried"))
 
 
 def _cmd_merge(a) -> int:

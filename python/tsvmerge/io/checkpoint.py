@@ -29,7 +29,7 @@ class Checkpoint:
     # Reading waits on files (the engine then reads ahead in a background thread).
     reads_files = True
     # How the input was read, where the report should say so (a pickle trusted, names mapped).
-    notes: list = ()
+    notes = ()
     _fingerprint: str | None = None
 
     def infos(self) -> dict[str, TensorInfo]:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backends import Backend, TaskSVD
@@ -24,8 +25,9 @@ from .plan import COPY, SPECTRAL, Batch, MergePlan, batch_nbytes
 class Loaded:
     batch: Batch
     base: torch.Tensor                 # [L, *shape]
-    tau: torch.Tensor | None           # task vectors [L, T, *shape]; None on the copy path
-    svd: TaskSVD | None = None         # from TSV-C factors, when every task stores enough rank
+    tau: torch.Tensor | None           # vectors of the tasks read dense [L, Td, *shape]; None if none is
+    factored: dict | None = None       # on the spectral path, task index -> its exact SVD (u, s, v),
+                                       # [L, m, r], [L, r], [L, n, r], for tasks stored as factors
     seconds: float = 0.0
 
 
@@ -42,21 +44,21 @@ def _checked(t: torch.Tensor, source: str, name: str) -> torch.Tensor:
     return t
 
 
-def _stored_factors(plan: MergePlan, names: list, k: int, dtype, device) -> TaskSVD | None:
-    """Stack TSV-C factors when every task stores rank >= k for every tensor of the batch."""
-    tasks = plan.tasks
-    if not all(t.is_delta and hasattr(t, "stored_rank") for t in tasks):
+def _stored_factors(task, names: list, k: int):
+    """The task's top-min(k, r) SVD triplets of every tensor of a batch, zero-padded to one
+    width, when it stores all of them as factors (TSV-C, LoRA), else None (it is read dense).
+    A task of rank r < k contributes r triplets: the padding is dropped with the null
+    directions (`lowrank.drop_null_directions`)."""
+    if not task.is_delta:
         return None
-    if any(n not in t.shapes or t.stored_rank(n) < k for t in tasks for n in names):
-        return None
-    us, ss, vs = [], [], []
+    fs = []
     for name in names:
-        fs = [t.factors(name) for t in tasks]
-        us.append(torch.stack([u[:, :k] for u, _, _ in fs]))
-        ss.append(torch.stack([s[:k] for _, s, _ in fs]))
-        vs.append(torch.stack([v[:, :k] for _, _, v in fs]))
-    u, s, v = (torch.stack(x).to(device, dtype) for x in (us, ss, vs))
-    return TaskSVD(u, s, v, torch.ones(s.shape[:-1], dtype=torch.float64))
+        f = task.factors(name)
+        if f is None:
+            return None
+        fs.append(tuple(_checked(x, task.source, name) for x in (f[0][:, :k], f[1][:k], f[2][:, :k])))
+    width = max(1, max(s.shape[0] for _, s, _ in fs))
+    return tuple(torch.stack([F.pad(f[i], (0, width - f[1].shape[0])) for f in fs]) for i in range(3))
 
 
 def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loaded:
@@ -65,24 +67,51 @@ def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loa
     if batch.path == COPY:
         return Loaded(batch, base, None, seconds=time.perf_counter() - start)
     base = base.to(dtype)
-    svd = None
+    factored = {}
     if batch.path == SPECTRAL:
-        svd = _stored_factors(plan, batch.names, batch.k, dtype, device)
-    tau = None
-    if svd is None:
-        # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
-        tau = torch.empty((len(batch.names), len(plan.tasks)) + tuple(batch.shape), dtype=dtype)
         for t, task in enumerate(plan.tasks):
+            f = _stored_factors(task, batch.names, batch.k)
+            if f is not None:
+                factored[t] = tuple(x.to(device, dtype) for x in f)
+                task.release()
+    dense = [t for t in range(len(plan.tasks)) if t not in factored]
+    tau = None
+    if dense:
+        # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
+        tau = torch.empty((len(batch.names), len(dense)) + tuple(batch.shape), dtype=dtype)
+        for i, t in enumerate(dense):
+            task = plan.tasks[t]
             for l, name in enumerate(batch.names):
                 x = _checked(task.read(name), task.source, name)
                 if task.is_delta:
-                    tau[l, t] = x
+                    tau[l, i] = x
                 else:
-                    torch.sub(x.to(dtype), base[l], out=tau[l, t])
+                    torch.sub(x.to(dtype), base[l], out=tau[l, i])
             task.release()
         tau = tau.to(device)
     plan.base.release()
-    return Loaded(batch, base.to(device), tau, svd, time.perf_counter() - start)
+    return Loaded(batch, base.to(device), tau, factored or None, time.perf_counter() - start)
+
+
+def task_svds(loaded: Loaded, backend: Backend) -> TaskSVD | None:
+    """The task SVDs of a spectral batch with factored tasks: theirs as stored, the dense tasks'
+    from the backend, in task order, zero-padded to one width. None when every task is dense
+    (the method takes them from tau)."""
+    if not loaded.factored:
+        return None
+    dense = backend.task_svd(loaded.tau, None, loaded.batch.k) if loaded.tau is not None else None
+    parts, energy, d = [], [], 0
+    for t in range(len(loaded.factored) + (0 if dense is None else dense.s.shape[1])):
+        if t in loaded.factored:
+            parts.append(loaded.factored[t])
+            energy.append(torch.ones(loaded.base.shape[0], dtype=torch.float64))
+        else:
+            parts.append((dense.u[:, d], dense.s[:, d], dense.v[:, d]))
+            energy.append(None if dense.energy is None else dense.energy[:, d])
+            d += 1
+    width = max(s.shape[-1] for _, s, _ in parts)
+    u, s, v = (torch.stack([F.pad(p[i], (0, width - p[1].shape[-1])) for p in parts], 1) for i in range(3))
+    return TaskSVD(u, s, v, None if any(e is None for e in energy) else torch.stack(energy, 1))
 
 
 def _task_bytes(plan: MergePlan, batch: Batch) -> int:
@@ -154,7 +183,7 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     if batch.path == COPY:
         return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
     update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=batch.k,
-                              backend=backend, svd=loaded.svd, **options)
+                              backend=backend, svd=task_svds(loaded, backend), **options)
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)
         out = backend.lowrank_apply(loaded.base, update.u, update.s, update.v, alpha, dtypes[0] if same else torch.float32)

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .api import exclusions, make_backend, open_inputs, write_json
-from .engine import iter_batches
+from .engine import iter_batches, task_svds
 from .methods.tsv import ORTHOGONALIZE, concatenated_factors, sti
 from .options import optional, positive_int
 from .plan import DEFAULT_BATCH_BYTES, SPECTRAL, merge_rank, plan_merge
@@ -32,7 +32,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     out = {}
     for loaded in iter_batches(plan, be, [b for b in plan.batches if b.path == SPECTRAL], "interference", progress):
-        f = concatenated_factors(loaded.tau, loaded.batch.k, be, loaded.svd)
+        f = concatenated_factors(loaded.tau, loaded.batch.k, be, task_svds(loaded, be))
         before = sti(f.gu, f.s, f.gv)
         uo, vo = (be.orthogonalize(x, orthogonalize, f.k, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
         after = sti(be.factor_gram(uo), f.s, be.factor_gram(vo))

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..lowrank import drop_null_directions
 from ..options import Option, optional, positive_int
 from . import LowRank, register
 
@@ -37,9 +38,11 @@ class Concatenated:
 
 
 def concatenated_factors(tau, k: int, backend, svd=None) -> Concatenated:
-    """The task SVDs of a batch (or stored TSV-C factors, `svd`), concatenated across tasks."""
+    """The task SVDs of a batch (or those the engine made from stored factors, `svd`), each
+    task's null directions dropped (`lowrank.drop_null_directions`), concatenated across tasks."""
     if svd is None:
         svd = backend.task_svd(tau, None, k)
+    svd = drop_null_directions(svd)
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
     k = svd.s.shape[-1]
     return Concatenated(u, s, v, backend.factor_gram(u, k), backend.factor_gram(v, k), k, svd.energy)

@@ -120,3 +120,61 @@ class ImageEncoder(torch.nn.Module):
 
     def forward(self, images):
         return self.model.encode_image(images)
+
+
+# -- PEFT LoRA adapters on a tiny Llama (and a GPT-2, whose Conv1D weights are [in, out]) --------
+LLAMA = dict(hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=60, max_position_embeddings=32)
+GPT2 = dict(n_embd=48, n_layer=2, n_head=4, vocab_size=60, n_positions=32, bos_token_id=0, eos_token_id=0)
+LLAMA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama(dtype=torch.float32):
+    import transformers
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(dtype)
+
+
+def gpt2(dtype=torch.float32):
+    import transformers
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**GPT2)).to(dtype)
+
+
+def trained_adapter(model, config, seed: int, folder) -> str:
+    """`config` (a peft.LoraConfig) on a copy of `model`, its LoRA factors set to random values of
+    a trained adapter's size (PEFT starts B at zero), saved with save_pretrained; returns the folder."""
+    import copy
+    import warnings
+    import peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's notes on fan_in_fan_out and saving embedding layers
+        wrapped = peft.get_peft_model(copy.deepcopy(model), copy.deepcopy(config))
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.data = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * 0.3
+            elif p.requires_grad:  # modules_to_save, trained biases: move them like a fine-tune
+                p.data += 0.02 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        wrapped.save_pretrained(folder)
+    return str(folder)
+
+
+def merged_adapter(model, folder, dtype=torch.float64) -> dict:
+    """PEFT's own densified fine-tune: the adapter loaded onto `model` and merge_and_unload()ed, in `dtype`."""
+    import copy
+    import warnings
+    import peft
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.PeftModel.from_pretrained(copy.deepcopy(model).to(dtype), folder)
+        wrapped = wrapped.to(dtype)
+        return {k: v.detach().clone() for k, v in wrapped.merge_and_unload().state_dict().items()}
+
+
+def lora_family(folder, model, configs: list, seed: int) -> tuple:
+    """The base folder (save_pretrained) and one trained adapter folder per LoraConfig in
+    `configs`: (base path, [adapter paths])."""
+    base = os.path.join(folder, "base")
+    model.save_pretrained(base)
+    return base, [trained_adapter(model, c, seed + i, os.path.join(folder, f"adapter{i}")) for i, c in enumerate(configs)]

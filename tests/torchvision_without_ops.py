@@ -28,7 +28,8 @@ def _declare_missing_ops() -> None:
     import torch
 
     folder = os.path.dirname(spec.origin)
-    libs = [os.path.join(folder, "_C" + s) for s in importlib.machinery.EXTENSION_SUFFIXES]
+    # `_C` until torchvision 0.28, `_C_stable` from 0.29
+    libs = [os.path.join(folder, name + s) for name in ("_C", "_C_stable") for s in importlib.machinery.EXTENSION_SUFFIXES]
     lib = next((p for p in libs if os.path.exists(p)), None)
     try:
         if lib is None:

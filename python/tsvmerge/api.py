@@ -13,6 +13,8 @@ from . import __version__
 from .backends import backend_class
 from .engine import run_merge
 from .io import CompressedTask, InputError, TensorInfo, atomic_file, model_writer, open_checkpoint
+from .io.lora import LoraAdapter, is_adapter, lora_layouts
+from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io.names import align_names
 from .methods import get_method
@@ -20,6 +22,7 @@ from .options import resolve, split
 from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
 
 PRESETS = {"clip": CLIP_PRESET}
+OUTPUT_FORMATS = ("model", "peft")
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 REPORT_NAME = "tsvmerge_report.json"
 
@@ -37,11 +40,16 @@ def parse_dtype(d) -> torch.dtype | None:
 
 def open_inputs(base, finetuned, trust_pickle: bool = False):
     """The base and the task checkpoints, opened lazily, the tasks under the base's names
-    (`io.names`); TSV-C tasks checked against the base."""
+    (`io.names`); PEFT LoRA adapter folders read as task vectors of the base (`io.lora`); TSV-C
+    tasks checked against the base."""
     if isinstance(finetuned, (str, os.PathLike, dict)):
         raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
+    if is_adapter(base):
+        raise InputError(os.fspath(base), None, "is a PEFT adapter, not a base model: pass the model it was "
+                         "trained on as the base, and the adapter as a task")
     base = open_checkpoint(base, trust_pickle)
-    tasks = [align_names(open_checkpoint(f, trust_pickle), base) for f in finetuned]
+    tasks = [LoraAdapter(f, base, trust_pickle) if is_adapter(f) else align_names(open_checkpoint(f, trust_pickle), base)
+             for f in finetuned]
     if isinstance(base, CompressedTask):
         raise InputError(base.source, None, "is a TSV-C file (a compressed task vector), not a base model: "
                          "pass the base checkpoint it was made from")
@@ -81,8 +89,8 @@ def split_options(options: dict, method, backend_name: str, device) -> tuple[dic
 
 def describe_inputs(checkpoints) -> list[dict]:
     """The report's record of each input: where it came from, its fingerprint, how it was read."""
-    return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {})}
-            for c in checkpoints]
+    return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {}),
+             **({"touches": c.touches} if isinstance(c, LoraAdapter) else {})} for c in checkpoints]
 
 
 def write_json(path, obj):
@@ -95,20 +103,23 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          trust_pickle: bool = False, **options):
+          trust_pickle: bool = False, output_format: str = "model", **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
-    (TSV-C files from `compress` are accepted too). Without `out`, returns a dict of
-    merged tensors with the base's dtypes and names; with `out`, writes a model folder
-    atomically and returns the report (a base folder's config and tokenizer files are carried
-    over: `io.model_files`). `report=FILE` also writes the JSON report there. `trust_pickle`
+    (TSV-C files from `compress` and PEFT LoRA adapter folders are accepted too). Without
+    `out`, returns a dict of merged tensors with the base's dtypes and names; with `out`, writes
+    a model folder atomically and returns the report (a base folder's config and tokenizer files
+    are carried over: `io.model_files`); with `output_format="peft"` as well, the merged update
+    as a PEFT LoRA adapter folder instead (`io.lora_writer`; method tsv, and only matrices on
+    the spectral path may change). `report=FILE` also writes the JSON report there. `trust_pickle`
     lets `.pt/.bin` files that hold whole pickled modules be unpickled (it can run code).
     `options` are the method's and the backend's (`tsvmerge.METHODS[name].options`,
     `backend.OPTIONS`).
     """
     start = time.perf_counter()
     m = get_method(method)
+    adapter_out = _adapter_output(output_format, out, m)
     method_options, backend_options = split_options(options, m, backend, device)
     be = make_backend(backend, device, compute_dtype, seed, backend_options)
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
@@ -123,10 +134,11 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
 
-    def run(write, carried=None):
+    def run(write, carried=None, adapter=None):
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
-                            progress=progress)
-        rep = {**meta, **({} if carried is None else {"carried": carried}), "tensors": entries,
+                            progress=progress, updates=adapter is not None)
+        rep = {**meta, **({} if carried is None else {"carried": carried}),
+               **({} if adapter is None else {"adapter": adapter.summary()}), "tensors": entries,
                "summary": _summary(entries, time.perf_counter() - start)}
         if report:
             write_json(report, rep)
@@ -136,11 +148,35 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         merged = {}
         run(merged.__setitem__)
         return merged
+    if adapter_out:
+        plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
+        with adapter_writer(out, lora_layouts(tasks), _path_of(base), overwrite=overwrite) as writer:
+            rep = run(lambda name, update: writer.write(name, update, infos[name].dtype), adapter=writer)
+            write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+        return rep
     with model_writer(out, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
                       overwrite=overwrite) as writer:
         rep = run(writer.write, carry_model_files(base, writer.folder))
         write_json(os.path.join(writer.folder, REPORT_NAME), rep)
     return rep
+
+
+def _adapter_output(output_format: str, out, method) -> bool:
+    """Whether the output is a PEFT adapter; refuses what cannot be one before any work."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format != "peft":
+        return False
+    if out is None:
+        raise ValueError("output format peft writes an adapter folder: pass out (-o)")
+    if not method.spectral:
+        raise ValueError(f"output format peft: method {method.name} makes no low-rank update (it combines the task "
+                         "vectors entry by entry), so its result cannot be a LoRA: use method tsv")
+    return True
+
+
+def _path_of(src) -> str | None:
+    return os.path.abspath(src) if isinstance(src, (str, os.PathLike)) else None
 
 
 def _summary(entries: dict, wall: float) -> dict:

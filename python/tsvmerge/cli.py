@@ -56,10 +56,14 @@ TRUST_HELP = ("unpickle .pt/.bin files that hold whole pickled modules (as the T
               "take their state_dict(); this can run code from the file: use it only for files you trust")
 
 
+PEFT_HELP = ("model: a model folder (default); peft: the merged update as a PEFT LoRA adapter folder that "
+             "PeftModel.from_pretrained(base, folder) loads (method tsv; only matrices on the spectral path may change)")
+
+
 def _common(p, *, task_list=True):
     p.add_argument("base", help="base checkpoint: .safetensors, .pt/.bin, or a model folder")
     if task_list:
-        p.add_argument("finetuned", nargs="+", help="fine-tuned checkpoints (or TSV-C files)")
+        p.add_argument("finetuned", nargs="+", help="fine-tuned checkpoints (or TSV-C files, or PEFT LoRA adapter folders)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching 2-D tensors off the spectral path (substring, or glob with * ? [); repeatable")
     p.add_argument("--preset", choices=["clip"], help="clip: the paper's semantics (exclude 'text_projection')")
@@ -100,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (default 5GB)")
     p.add_argument("--report", help="also write the JSON report here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--output-format", choices=["model", "peft"], default="model", help=PEFT_HELP)
 
     p = sub.add_parser("compress", help="TSV-C: store a task vector as low-rank factors")
     _common(p, task_list=False)
@@ -115,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dtype")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--output-format", choices=["model", "peft"], default="model",
+                   help="model: the rebuilt fine-tune (default); peft: its factored tensors as a PEFT LoRA adapter "
+                        "folder (only those may differ from the base)")
 
     p = sub.add_parser("convert", help="write a checkpoint once as a .safetensors file (no unpickling later)")
     p.add_argument("checkpoint", help=".pt/.bin file, .safetensors file or model folder")
@@ -152,6 +160,17 @@ def _print_notes(inputs: list) -> None:
             print(f"  note: {entry['source']}: {note}")
 
 
+def _print_adapter(adapter) -> None:
+    if adapter is None:
+        return
+    ranks = adapter["ranks"]
+    print(f"  written as a PEFT LoRA adapter: {len(ranks)} modules, rank "
+          f"{min(ranks.values(), default=0)}..{max(ranks.values(), default=0)}")
+    if adapter.get("assumed_linear"):
+        print(f"  note: no input adapter gave the layer type of {len(adapter['assumed_linear'])} modules: written as "
+              "nn.Linear weights [out, in]")
+
+
 def _print_carried(carried) -> None:
     if carried:
         print(f"  carried from the base folder: {', '.join(carried)}")
@@ -174,8 +193,9 @@ def _cmd_merge(a) -> int:
     from . import merge
     kw = {**_engine_kwargs(a), **given_flags(a, METHOD_FLAGS[0])}
     rep = merge(a.base, a.finetuned, method=a.method, alpha=a.alpha, out=a.out, out_dtype=a.out_dtype,
-                shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, **kw)
+                shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, output_format=a.output_format, **kw)
     _print_merge(rep, a.out)
+    _print_adapter(rep.get("adapter"))
     return EXIT_OK
 
 
@@ -191,9 +211,10 @@ def _cmd_compress(a) -> int:
 def _cmd_decompress(a) -> int:
     from . import decompress
     rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite,
-                     trust_pickle=a.trust_pickle)
+                     trust_pickle=a.trust_pickle, output_format=a.output_format)
     print(f"decompressed {rep['tensors']} tensors -> {rep['out']}")
-    _print_carried(rep["carried"])
+    _print_carried(rep.get("carried"))
+    _print_adapter(rep.get("adapter"))
     return EXIT_OK
 
 

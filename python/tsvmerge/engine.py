@@ -160,16 +160,19 @@ def _read_ahead(plan: MergePlan, batches: list, args):
 
 
 def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float, options: dict,
-              write, out_dtype=None, progress: bool | None = None) -> dict:
+              write, out_dtype=None, progress: bool | None = None, updates: bool = False) -> dict:
     """Compute every batch and hand each output tensor to `write(name, tensor)`.
 
-    Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype.
+    Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype. With
+    `updates`, `write` gets each tensor's update alpha * Delta instead of the merged tensor: the
+    factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
     """
     entries = {}
     for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress):
         batch = loaded.batch
         start = time.perf_counter()
-        outputs, stats = _compute(loaded, method, backend, alpha, options, out_dtype, plan)
+        compute = _updates if updates else _compute
+        outputs, stats = compute(loaded, method, backend, alpha, options, out_dtype, plan)
         seconds = time.perf_counter() - start
         for l, name in enumerate(batch.names):
             write(name, outputs[l])
@@ -177,13 +180,18 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float
     return entries
 
 
+def _method_update(loaded: Loaded, method, backend, options):
+    batch = loaded.batch
+    return method.fn(loaded.base, loaded.tau, path=batch.path, k=batch.k, backend=backend,
+                     svd=task_svds(loaded, backend), **options)
+
+
 def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     batch = loaded.batch
     dtypes = [out_dtype or plan.tensors[n].info.dtype for n in batch.names]
     if batch.path == COPY:
         return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
-    update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=batch.k,
-                              backend=backend, svd=task_svds(loaded, backend), **options)
+    update, stats = _method_update(loaded, method, backend, options)
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)
         out = backend.lowrank_apply(loaded.base, update.u, update.s, update.v, alpha, dtypes[0] if same else torch.float32)
@@ -195,6 +203,22 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
         raise FloatingPointError(f"non-finite merged values in {batch.names[0]} (and its batch): "
                                  "please report this with the inputs' shapes")
     return outputs, stats
+
+
+def _updates(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
+    """Each tensor's update alpha * Delta (see `run_merge`), on the CPU."""
+    L = len(loaded.batch.names)
+    if loaded.batch.path == COPY:
+        return [None] * L, {}
+    update, stats = _method_update(loaded, method, backend, options)
+    if isinstance(update, LowRank):
+        out = [(update.u[l].cpu(), alpha * update.s[l].cpu(), update.v[l].cpu()) for l in range(L)]
+    else:
+        out = [(alpha * update[l]).cpu() for l in range(L)]
+    if not all(_all_finite(x) for o in out for x in (o if isinstance(o, tuple) else (o,))):
+        raise FloatingPointError(f"non-finite update in {loaded.batch.names[0]} (and its batch): "
+                                 "please report this with the inputs' shapes")
+    return out, stats
 
 
 def _entry(tp, stats: dict, layer: int, seconds: float) -> dict:

@@ -11,10 +11,11 @@ import os
 import torch
 
 from . import __version__
-from .api import DEFAULT_SHARD_SIZE, exclusions, make_backend, open_inputs, parse_dtype
+from .api import DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, _path_of, exclusions, make_backend, open_inputs, parse_dtype
 from .engine import iter_batches
 from .io import CompressedTask, InputError, TensorInfo, file_writer, model_writer
-from .io.checkpoint import DictCheckpoint
+from .io.checkpoint import Checkpoint, DictCheckpoint
+from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io import tsvc_file
 from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge
@@ -59,6 +60,9 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str
     base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
+    if task.is_delta:
+        raise InputError(task.source, None, "is a LoRA adapter, a task vector stored low-rank already: merge it "
+                         "as it is, or compress a model it was merged into")
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     stored = task.infos()
@@ -120,13 +124,22 @@ def _compress_report(entries, meta) -> dict:
 
 
 def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = False,
-               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, trust_pickle: bool = False):
+               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, trust_pickle: bool = False,
+               output_format: str = "model"):
     """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back;
     non-floating tensors as the fine-tune stored them). With `out`, a model folder, with a base
-    folder's config and tokenizer files carried over (`io.model_files`)."""
+    folder's config and tokenizer files carried over (`io.model_files`); with
+    `output_format="peft"` as well, the task as a PEFT LoRA adapter folder (`to_adapter`)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format == "peft" and out is None:
+        raise ValueError("output format peft writes an adapter folder: pass out (-o)")
     base_ckpt, (task,) = open_inputs(base, [compressed], trust_pickle)
     if not isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
+    if output_format == "peft":
+        return to_adapter(task, base_ckpt, out, out_dtype=parse_dtype(out_dtype), overwrite=overwrite,
+                          base_model=_path_of(base))
     plan = plan_merge(base_ckpt, [task], batch_bytes=batch_bytes)
     out_dtype = parse_dtype(out_dtype)
     stored = task.infos()
@@ -153,3 +166,18 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
         carried = carry_model_files(base, writer.folder)
         run(writer.write)
     return {"out": os.path.abspath(out), "tensors": len(infos), "carried": carried}
+
+
+def to_adapter(task: CompressedTask, base: Checkpoint, out: str, *, out_dtype=None, overwrite: bool = False,
+               base_model: str | None = None) -> dict:
+    """A TSV-C task as a PEFT LoRA adapter folder: each factored tensor a LoRA (`io.lora_writer`,
+    layers taken as nn.Linear); every other floating tensor must equal the base's, or the task
+    cannot be a LoRA and nothing is written."""
+    infos = base.infos()
+    names = sorted((n for n, i in infos.items() if i.dtype.is_floating_point), key=lambda n: n in task.shapes)
+    with adapter_writer(out, {}, base_model, overwrite=overwrite) as writer:
+        for name in names:  # the dense ones first: a refusal comes before any work
+            factors = task.factors(name)
+            writer.write(name, task.read(name) if factors is None else factors, out_dtype or infos[name].dtype)
+            task.release()
+    return {"out": os.path.abspath(out), "tensors": len(writer.ranks), "adapter": writer.summary()}

@@ -58,15 +58,24 @@ class Renamed(Checkpoint):
         self.inner.release()
 
 
+def prefix_renaming(theirs, ours) -> tuple[dict[str, str], str] | None:
+    """({our name: their name}, a note) when `theirs` differ from `ours` by wrapper prefixes,
+    else None (no prefix explains a difference)."""
+    tp, bp = shared_prefix(theirs), shared_prefix(ours)
+    core = {n[len(tp):]: n for n in theirs}
+    if tp == bp or not set(core) & {n[len(bp):] for n in ours}:
+        return None
+    return {bp + c: n for c, n in core.items()}, f"prefix {tp!r} taken as {bp!r}"
+
+
 def align_names(task: Checkpoint, base: Checkpoint) -> Checkpoint:
     """`task` under the base's names where the two differ by wrapper prefixes; else `task` as
     it is. Validation then names any tensor that still differs, in the base's terms."""
     theirs, ours = list(task.infos()), list(base.infos())
     if set(theirs) == set(ours) or task.is_delta:  # a TSV-C file is written under its base's names
         return task
-    tp, bp = shared_prefix(theirs), shared_prefix(ours)
-    core = {n[len(tp):]: n for n in theirs}
-    if tp == bp or not set(core) & {n[len(bp):] for n in ours}:
+    renaming = prefix_renaming(theirs, ours)
+    if renaming is None:
         return task
-    note = f"names read under the base's: prefix {tp!r} taken as {bp!r}"
-    return Renamed(task, {bp + c: n for c, n in core.items()}, note)
+    names, how = renaming
+    return Renamed(task, names, f"names read under the base's: {how}")

@@ -140,3 +140,18 @@ def test_int_tensors_come_from_the_finetune_whatever_the_metadata_says(seed, tmp
     assert torch.allclose(theta["norm.weight"], task["norm.weight"], atol=1e-6)
     assert int(tsvmerge.decompress(base, str(tmp_path / "c.safetensors"))["bn.num_batches_tracked"]) == \
         int(task["bn.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_low_rank_tsvc_merges_as_its_reconstruction(seed, backend):
+    """A TSV-C task stored below the merge's k contributes its r triplets, whether read as factors
+    or rebuilt dense (the dense path finds the same rank); beside a dense fine-tune too."""
+    base, tasks = random_zoo(seed, 3, ODD_SHAPES, torch.float64)
+    compressed = [tsvmerge.compress(base, t, rank=0.05, compute_dtype="float64", preset="clip") for t in tasks[:2]]
+    rebuilt = [tsvmerge.decompress(base, c) for c in compressed]
+    opts = dict(backend=backend, compute_dtype="float64", preset="clip")
+    got = tsvmerge.merge(base, compressed + tasks[2:], **opts)
+    want = tsvmerge.merge(base, rebuilt + tasks[2:], **opts)
+    for name in ("blocks.0.mlp.weight", "blocks.1.attn.weight"):
+        d = (got[name] - want[name]).norm() / (want[name] - base[name]).norm()
+        assert d < 1e-10, name

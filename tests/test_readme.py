@@ -107,6 +107,23 @@ def test_paper_checkpoints(workdir, vit_b_32):
     assert rm.max_relative_error(rm.load_merged("tsv-merged"), rm.load_merged("tsv-merged-2")) == 0
 
 
+def test_lora(workdir):
+    pytest.importorskip("peft", reason="install tsvmerge[models] (the [test] extra includes it)")
+    import peft
+    base = rm.llama()
+    base.save_pretrained("llama")
+    seed = rm.stable_seed("readme lora")
+    for t, (name, targets) in enumerate({"lora-math": ["q_proj", "v_proj"], "lora-code": rm.LLAMA_MODULES,
+                                         "lora-chat": ["o_proj", "down_proj"]}.items()):
+        rm.trained_adapter(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets), seed + t, name)
+    namespace = {}
+    run_group("lora", namespace)
+    want = rm.load_merged("llama-merged")
+    assert rm.max_relative_error(want, base.state_dict()) > 1e-3
+    from_adapter = namespace["model"].merge_and_unload().state_dict()
+    assert rm.max_relative_error(from_adapter, want) < 1e-5
+
+
 def image_folder(folder, classes, seed, per_class=3):
     """Random RGB images, `per_class` in a sub-folder per class."""
     from PIL import Image

@@ -286,3 +286,17 @@ def test_tsvc_file_exported_as_an_adapter(llama_family, tmp_path):
     with pytest.raises(ValueError, match="norm.weight changes"):
         tsvmerge.decompress(base, str(full), out=str(tmp_path / "no"), output_format="peft")
     assert not (tmp_path / "no").exists()
+
+
+def test_base_saved_without_the_wrappers_prefix(llama_family, tmp_path):
+    """Adapters trained on LlamaForCausalLM (`model.layers...`) on a base saved from the inner
+    LlamaModel (`layers...`): read under the base's names, and the report says so."""
+    model, base, adapters = llama_family
+    inner = {k.removeprefix("model."): v for k, v in model.state_dict().items() if k.startswith("model.")}
+    path = tmp_path / "inner.safetensors"
+    tsvmerge.io.save_file(inner, str(path))
+    rep = tsvmerge.merge(str(path), adapters[:2], out=str(tmp_path / "out"))
+    got = rm.load_merged(tmp_path / "out")
+    want = tsvmerge.merge(base, adapters[:2])
+    assert set(got) == set(inner) and max(float((got[k] - want["model." + k]).abs().max()) for k in got) == 0
+    assert "names read under the base's: prefix 'model.' taken as ''" in rep["inputs"][1]["notes"]

@@ -233,14 +233,18 @@ def test_scalar_tensors_merge(seed, method):
 
 # -- DESIGN section 2, "Null directions never enter" ---------------------------------------------
 def _rank_deficient_zoo(seed, eps=0.0):
-    """A 64 x 48 tensor (k = 16 for T = 3): tasks of rank 3, 20 and 48; the first moved by a
-    perturbation of relative size eps. fp64, base ~N(0, 1), tasks of norm ~10."""
+    """A 64 x 48 tensor (k = 16 for T = 3): tasks of rank 3 and 10, and a full-rank one with a
+    clear gap after its 16th singular value (so that its top-16 factors are well conditioned);
+    the first moved by a perturbation of relative size eps. fp64, base ~N(0, 1), tasks of norm ~10."""
     g = torch.Generator().manual_seed(seed)
     m, n = 64, 48
     base = {"w": torch.randn(m, n, generator=g, dtype=torch.float64)}
     taus = [torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
-            for r in (3, 20, 48)]
-    taus = [10 * t / t.norm() for t in taus]
+            for r in (3, 10)]
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.cat([torch.linspace(10, 5, 16, dtype=torch.float64), torch.full((32,), 1e-2, dtype=torch.float64)])
+    taus = [10 * t / t.norm() for t in taus + [u @ torch.diag(s) @ v.T]]
     e = torch.randn(m, n, generator=g, dtype=torch.float64)
     taus[0] = taus[0] + eps * taus[0].norm() * e / e.norm()
     return base, [{"w": base["w"] + t} for t in taus], taus
@@ -249,7 +253,7 @@ def _rank_deficient_zoo(seed, eps=0.0):
 def _kept_merge(taus, k):
     """TSV-M by hand, each task keeping min(k, rank) triplets (rank from the construction)."""
     us, ss, vs = [], [], []
-    for tau, r in zip(taus, (3, 20, 48)):
+    for tau, r in zip(taus, (3, 10, 48)):
         u, s, vh = torch.linalg.svd(tau)
         keep = min(k, r)
         us.append(u[:, :keep]), ss.append(s[:keep]), vs.append(vh[:keep].T)

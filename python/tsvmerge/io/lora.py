@@ -127,7 +127,7 @@ class LoraAdapter(Checkpoint):
         self.store = _open_weights(self.source, trust_pickle)
         self._base_infos = base.infos()
         modules, whole = self._parse(self.store.infos())
-        self._rename(modules, whole)
+        whole = self._rename(modules, whole)
         self.modules = {m.name: m for m in modules}
         self.whole = {name: key for name, key in whole.items() if not self._is_base_copy(name, key)}
         self.notes = self._describe()
@@ -170,9 +170,10 @@ class LoraAdapter(Checkpoint):
         transposed = kind == "embedding" or bool(self.config.get("fan_in_fan_out"))
         return LoraModule(module + ".weight", kind, a_key, b_key, r, scale, transposed)
 
-    def _rename(self, modules: list, whole: dict) -> None:
+    def _rename(self, modules: list, whole: dict) -> dict:
         """Read names as PEFT maps them onto the model; under the base's where wrapper prefixes
-        differ (`names.prefix_renaming`). Each module's layout is checked against the base's shape."""
+        differ (`names.prefix_renaming`): the modules renamed in place, `whole` returned renamed.
+        Each module's layout is checked against the base's shape."""
         ours = set(self._base_infos)
         theirs = [m.name for m in modules] + list(whole)
         renaming = None if set(theirs) <= ours else prefix_renaming(theirs, ours)
@@ -180,8 +181,7 @@ class LoraAdapter(Checkpoint):
             to_base = {old: new for new, old in renaming[0].items()}
             for m in modules:
                 m.name = to_base[m.name]
-            for name in list(whole):
-                whole[to_base[name]] = whole.pop(name)
+            whole = {to_base[name]: key for name, key in whole.items()}
             self.notes = [f"names read under the base's: {renaming[1]}"]
         for name, key in [(m.name, m.a_key) for m in modules] + [(n, k) for n, k in whole.items()]:
             if name not in ours:
@@ -189,6 +189,7 @@ class LoraAdapter(Checkpoint):
         stored = self.store.infos()
         for m in modules:
             self._check_layout(m, stored)
+        return whole
 
     def _check_layout(self, m: LoraModule, stored: dict) -> None:
         a, b = stored[m.a_key].shape, stored[m.b_key].shape
@@ -210,11 +211,12 @@ class LoraAdapter(Checkpoint):
 
     def _describe(self) -> list[str]:
         ranks = sorted({m.rank for m in self.modules.values()})
-        alphas = sorted({round(m.scale, 6) for m in self.modules.values()})
-        notes = list(getattr(self, "notes", []))
+        scales = sorted({round(m.scale, 6) for m in self.modules.values()})
+        notes = list(self.notes)
         notes.append(f"a PEFT LoRA adapter{' (rsLoRA)' if self.config.get('use_rslora') else ''}, "
-                     f"rank {'/'.join(map(str, ranks))}, scale {'/'.join(map(str, alphas))}, on "
-                     f"{len(self.modules)} tensors: {summarize(self.modules)}; every other tensor is a zero task vector")
+                     f"rank {'/'.join(map(str, ranks)) or '-'}, scale {'/'.join(map(str, scales)) or '-'}, on "
+                     f"{len(self.modules)} tensors: {summarize(self.modules) or 'none'}; every other tensor is a zero "
+                     "task vector")
         if self.whole:
             notes.append(f"{len(self.whole)} tensors stored whole (modules_to_save, trained biases), read as the "
                          f"fine-tune's: {summarize(self.whole)}")

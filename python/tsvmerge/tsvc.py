@@ -11,9 +11,9 @@ import os
 import torch
 
 from . import __version__
-from .api import DEFAULT_SHARD_SIZE, exclusions, make_backend, open_inputs, parse_dtype
+from .api import DEFAULT_SHARD_SIZE, exclusions, input_warnings, make_backend, open_inputs, parse_dtype
 from .engine import iter_batches
-from .io import CompressedTask, InputError, TensorInfo, file_writer, model_writer
+from .io import CompressedTask, InputError, TensorInfo, claim, file_writer, input_paths, model_writer
 from .io.checkpoint import DictCheckpoint
 from .io import tsvc_file
 from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge
@@ -43,20 +43,41 @@ def stored_rank(shape, rank) -> tuple[int, str]:
     return (k, "") if saves_space(shape, k) else (0, f"rank {k} would not save space: stored dense")
 
 
-def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str | None = None,
-             backend: str = "reference", device: str = "cpu", compute_dtype="float32", seed: int = 0,
-             batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, **options):
+def compressed_path(out, task) -> str:
+    """Where `compress` writes: `out`, or where `out` is a folder (one that exists, or a path
+    ending in a separator, made if missing) a file in it named after the task, as `cp` does:
+    DIR/NAME.tsvc.safetensors."""
+    text = os.fspath(out)
+    if not (text.endswith(("/", os.sep)) or os.path.isdir(text)):
+        return text
+    name = os.path.basename(os.path.normpath(os.fspath(task))) if isinstance(task, (str, os.PathLike)) else "task"
+    for ext in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        if name.endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return os.path.join(text, name + ".tsvc.safetensors")
+
+
+def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False, exclude=(),
+             preset: str | None = None, backend: str = "reference", device: str = "cpu", compute_dtype="float32",
+             seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, **options):
     """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
 
-    With `out` (a .safetensors path) writes the file atomically and returns its report;
-    without, returns an in-memory `CompressedTask` (usable wherever a task is accepted).
-    Tensors where a factorisation would not save space are stored dense.
+    With `out` (a .safetensors path, or a folder: see `compressed_path`) writes the file and
+    returns its report (`report["out"]` is the file); without, returns an in-memory
+    `CompressedTask` (usable wherever a task is accepted). Tensors where a factorisation
+    would not save space are stored dense.
     """
     compression_rank((1 << 62, 1 << 62), rank)          # a bad rank fails before any work
     be = make_backend(backend, device, compute_dtype, seed, options)
+    target = None
+    if out is not None:
+        target = claim(compressed_path(out, finetuned_one), folder=False, overwrite=overwrite,
+                       inputs=input_paths([base, finetuned_one]))
     base_ckpt, (task,) = open_inputs(base, [finetuned_one])
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
+    input_warnings(base_ckpt, [task])
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     stored = task.infos()
@@ -76,8 +97,9 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str
         result = CompressedTask(DictCheckpoint(tensors, source="<compressed>"), meta)
         result.report = report
         return result
-    with file_writer(out, layout, meta) as writer:
-        return run(writer.write)
+    with file_writer(target, layout, meta) as writer:
+        report = run(writer.write)
+    return {**report, "out": target.path}
 
 
 def _compress_batch(loaded, plan, be, task, write, entries):
@@ -120,7 +142,11 @@ def _compress_report(entries, meta) -> dict:
 def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = False,
                progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES):
     """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back;
-    non-floating tensors as the fine-tune stored them)."""
+    non-floating tensors as the fine-tune stored them). With `out`, writes a model folder
+    (replacing an existing one only with `overwrite=True`)."""
+    target = None
+    if out is not None:
+        target = claim(out, folder=True, overwrite=overwrite, inputs=input_paths([base, compressed]))
     base_ckpt, (task,) = open_inputs(base, [compressed])
     if not isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
@@ -145,7 +171,7 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
         tensors = {}
         run(tensors.__setitem__)
         return tensors
-    with model_writer(out, infos, {"format": "pt", "tsvmerge": "decompressed"}, shard_size=DEFAULT_SHARD_SIZE,
-                      overwrite=overwrite) as writer:
+    with model_writer(target, infos, {"format": "pt", "tsvmerge": "decompressed"},
+                      shard_size=DEFAULT_SHARD_SIZE) as writer:
         run(writer.write)
-    return {"out": os.path.abspath(out), "tensors": len(infos)}
+    return {"out": target.path, "tensors": len(infos)}

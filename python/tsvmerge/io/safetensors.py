@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .publish import naming
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -117,9 +118,14 @@ class SafetensorsWriter:
         header = _header_bytes(layout, metadata)
         self._start = 8 + len(header)
         self._pending = set(infos)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, struct.pack("<Q", len(header)) + header, 0)
-        os.ftruncate(self._fd, self._start + pos)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            with naming(path):
+                os.pwrite(self._fd, struct.pack("<Q", len(header)) + header, 0)
+                os.ftruncate(self._fd, self._start + pos)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         pos, info = self._offsets[name]
@@ -127,16 +133,18 @@ class SafetensorsWriter:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view, at = memoryview(data), self._start + pos
-        while view:
-            done = os.pwrite(self._fd, view, at)
-            view, at = view[done:], at + done
+        with naming(self.path):
+            while view:
+                done = os.pwrite(self._fd, view, at)
+                view, at = view[done:], at + done
         self._pending.discard(name)
 
     def close(self) -> None:
         if self._fd is None:
             return
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        with naming(self.path):
+            os.close(fd)
         if self._pending:
             raise RuntimeError(f"{self.path}: {len(self._pending)} tensors were never written, e.g. {sorted(self._pending)[0]}")
 

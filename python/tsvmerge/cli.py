@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints into the base")
     _common(p)
-    p.add_argument("-o", "--out", required=True, help="output model folder (written atomically)")
+    p.add_argument("-o", "--out", required=True, help="output model folder (published whole at the end)")
     p.add_argument("--method", default="tsv", help=", ".join(METHODS))
     p.add_argument("--alpha", type=parse_alpha, default=1.0, help="scale of the update (default 1.0)")
     add_flags(p, *METHOD_FLAGS)
@@ -241,10 +241,13 @@ def _cmd_inspect(a) -> int:
               if ranks else "  TSV-C: no factored tensors")
     report = os.path.join(a.path, "tsvmerge_report.json") if os.path.isdir(a.path) else None
     if report and os.path.exists(report):
-        with open(report) as f:
-            rep = json.load(f)
-        print(f"  merged by tsvmerge {rep['tsvmerge_version']}: method {rep['method']}, alpha {rep['alpha']}, "
-              f"backend {rep['backend']['backend']}, {rep['summary']}")
+        try:
+            with open(report) as f:
+                rep = json.load(f)
+            print(f"  merged by tsvmerge {rep['tsvmerge_version']}: method {rep['method']}, alpha {rep['alpha']}, "
+                  f"backend {rep['backend']['backend']}, {rep['summary']}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(report, None, f"is not a tsvmerge report ({type(e).__name__}: {e})") from None
     return EXIT_OK
 
 
@@ -276,7 +279,8 @@ def _run(prog: str, command, debug: bool) -> int:
     def error(message: str, code: int) -> int:
         if debug:
             traceback.print_exc()
-        print(f"{prog}: {' '.join(message.split())}", file=sys.stderr)
+        one_line = re.sub(r"\s*\n\s*", " ", message.strip())
+        print(f"{prog}: {one_line}", file=sys.stderr)
         return code
 
     with warnings.catch_warnings(), handled(prog):
@@ -288,10 +292,10 @@ def _run(prog: str, command, debug: bool) -> int:
         try:
             return command()
         except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", 2)
-            done = ("after the output was published; it is complete" if getattr(e, "published", False)
-                    else "nothing was written")
-            return error(f"interrupted ({e.args[0] if e.args else 'SIGINT'}); {done}", 128 + signum)
+            name = e.args[0] if e.args else "SIGINT"
+            done = " after the output was published: it is complete" if getattr(e, "published", False) \
+                else "; nothing was written"
+            return error(f"interrupted ({name}){done}", 128 + getattr(e, "signum", 2))
         except (InputError, OutputError, ValueError, TypeError) as e:
             return error(f"error: {e}", EXIT_INPUT)
         except OSError as e:

@@ -150,22 +150,32 @@ def input_paths(sources) -> list[str]:
 
 def _refuse_inputs(path: str, inputs: list[str]) -> None:
     real = os.path.realpath(path)
+    why = None
+    if real in inputs or _same_file(path, inputs):
+        why = "is an input of this run"
+    else:
+        for p in inputs:
+            if _within(p, real):
+                why = f"contains the input {p}"
+            elif _within(real, p):
+                why = f"lies inside the input folder {p}"
+            if why:
+                break
+    if why:
+        raise OutputError(path, f"{why}: tsvmerge never writes over its inputs (choose another output path)")
+
+
+def _same_file(path: str, inputs: list[str]) -> bool:
+    """`path` is one of `inputs` by another name (a hard link)."""
     try:
         st = os.stat(path)
-        here = (st.st_dev, st.st_ino)
     except OSError:
-        here = None
+        return False
     for p in inputs:
-        same = here is not None and os.path.exists(p) and (os.stat(p).st_dev, os.stat(p).st_ino) == here
-        if real == p or same:
-            why = "is an input of this run"
-        elif _within(p, real):
-            why = f"contains the input {p}"
-        elif _within(real, p):
-            why = f"lies inside the input folder {p}"
-        else:
-            continue
-        raise OutputError(path, f"{why}: tsvmerge never writes over its inputs (choose another output path)")
+        with contextlib.suppress(OSError):
+            if os.path.samestat(st, os.stat(p)):
+                return True
+    return False
 
 
 @dataclass
@@ -183,9 +193,9 @@ class Output:
         parent, name = os.path.split(self.path)
         return os.path.join(parent, f".{name[:_NAME_KEEP]}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
 
-    def remove_debris(self) -> None:
+    def remove_debris(self, inputs=()) -> None:
         """Remove temporaries of this target whose process is gone (killed runs); only ours:
-        the name pattern, and a PID that is not alive."""
+        the name pattern, a PID that is not alive, and not an input of this run."""
         parent, name = os.path.split(self.path)
         ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.tmp-(\d+)-[0-9a-f]{{8}}")
         try:
@@ -194,7 +204,7 @@ class Output:
             return
         for entry in entries:
             m = ours.fullmatch(entry)
-            if m and not _alive(int(m.group(1))):
+            if m and not _alive(int(m.group(1))) and os.path.realpath(os.path.join(parent, entry)) not in inputs:
                 with contextlib.suppress(FileNotFoundError):
                     _remove(os.path.join(parent, entry))
                 warn(f"removed {os.path.join(parent, entry)}, left by a run that was killed (process {m.group(1)})")
@@ -219,7 +229,12 @@ class Output:
         else:
             self.aside = self._sibling("old")
             os.rename(self.tmp, self.aside)
-            exchange(self.aside, self.path)
+            try:
+                exchange(self.aside, self.path)
+            except BaseException:
+                os.rename(self.aside, self.tmp)
+                self.aside = None
+                raise
             if _identity(self.aside) != self.seen:
                 exchange(self.aside, self.path)
                 os.rename(self.aside, self.tmp)
@@ -258,12 +273,15 @@ class Output:
         self.made = []
 
     def owns(self, filename) -> bool:
-        """`filename` (of an OSError) is this output's: its temporary, or the path or a
-        parent folder being made."""
+        """`filename` (of an OSError) is this output's: a temporary of this run (or a file in
+        one), or the path or a parent folder being made."""
         if filename is None:
             return False
         f = os.path.abspath(os.fsdecode(filename))
-        return (self.tmp is not None and _within(f, self.tmp)) or _within(self.path, f)
+        parent, name = os.path.split(self.path)
+        ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.(tmp|old)-{os.getpid()}-[0-9a-f]{{8}}")
+        inside = os.path.relpath(f, parent).split(os.sep)[0] if _within(f, parent) else ""
+        return bool(ours.fullmatch(inside)) or _within(self.path, f)
 
 
 def _missing_parents(folder: str) -> list[str]:
@@ -281,7 +299,8 @@ def claim(path, *, folder: bool, overwrite: bool = False, inputs=()) -> Output:
     path = os.path.abspath(os.fspath(path))
     if path == os.path.dirname(path):
         raise OutputError(path, "is the root folder: choose an output path")
-    _refuse_inputs(path, list(inputs))
+    inputs = list(inputs)
+    _refuse_inputs(path, inputs)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -291,7 +310,7 @@ def claim(path, *, folder: bool, overwrite: bool = False, inputs=()) -> Output:
     seen = None
     if st is not None:
         is_folder = os.path.isdir(path)
-        if is_folder != folder:
+        if os.path.exists(path) and is_folder != folder:     # a dangling link is neither
             have, want = ("a folder", "a file") if is_folder else ("a file", "a folder")
             raise OutputError(path, f"is {have}, and the output is {want}: choose another path")
         empty_folder = folder and not os.path.islink(path) and not os.listdir(path)
@@ -299,7 +318,7 @@ def claim(path, *, folder: bool, overwrite: bool = False, inputs=()) -> Output:
             raise OutputError(path, "already exists: pass --overwrite to replace it, or choose another path")
         seen = (st.st_dev, st.st_ino, st.st_mtime_ns)
     out = Output(path, folder, seen)
-    out.remove_debris()
+    out.remove_debris(inputs)
     return out
 
 
@@ -345,11 +364,20 @@ def publishing(*outputs: Output | None):
             raise _write_error(e, outs) from None
         raise
     try:
-        for o in outs:
-            o.finish()
+        with deferred():
+            for o in outs:
+                _finish(o)
     except KeyboardInterrupt as e:
         e.published = True
         raise
+
+
+def _finish(output: Output) -> None:
+    try:
+        output.finish()
+    except OSError as e:
+        warn(f"{output.path} is published, but what it replaced could not be removed ({e.strerror or e}): "
+             f"remove {e.filename} yourself")
 
 
 @contextlib.contextmanager

@@ -77,7 +77,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
     base_ckpt, (task,) = open_inputs(base, [finetuned_one])
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
-    input_warnings(base_ckpt, [task])
+    notes = input_warnings(base_ckpt, [task])
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     stored = task.infos()
@@ -89,7 +89,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
     def run(write):
         for loaded in iter_batches(plan, be, plan.batches, "compress", progress):
             _compress_batch(loaded, plan, be, task, write, entries)
-        return _compress_report(entries, meta)
+        return {**_compress_report(entries, meta), "warnings": notes}
 
     if out is None:
         tensors = {}

@@ -14,6 +14,8 @@ from .backends import BACKENDS, available, backend_class
 from .engine import run_merge
 from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
                  model_writer, open_checkpoint, save_json, write_json)
+from .io.model_files import carry_model_files
+from .io.names import align_names
 from .methods import get_method
 from .notes import warn
 from .options import checked, finite_float, positive_int, resolve, split
@@ -41,9 +43,11 @@ def task_list(finetuned) -> list:
     return list(finetuned)
 
 
-def open_inputs(base, finetuned):
-    """The base and the task checkpoints, opened lazily; TSV-C tasks checked against the base."""
-    base, tasks = open_checkpoint(base), [open_checkpoint(f) for f in task_list(finetuned)]
+def open_inputs(base, finetuned, trust_pickle: bool = False):
+    """The base and the task checkpoints, opened lazily, the tasks under the base's names
+    (`io.names`); TSV-C tasks checked against the base."""
+    base = open_checkpoint(base, trust_pickle)
+    tasks = [align_names(open_checkpoint(f, trust_pickle), base) for f in task_list(finetuned)]
     if isinstance(base, CompressedTask):
         raise InputError(base.source, None, "is a TSV-C file (a compressed task vector), not a base model: "
                          "pass the base checkpoint it was made from")
@@ -154,20 +158,28 @@ def claim_distinct(*outputs: Output | None) -> None:
                 raise OutputError(b.path, f"is also an output of this run ({a.path}): choose separate paths")
 
 
+def describe_inputs(checkpoints) -> list[dict]:
+    """The report's record of each input: where it came from, its fingerprint, how it was read."""
+    return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {})}
+            for c in checkpoints]
+
+
 def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(), preset: str | None = None,
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          **options):
+          trust_pickle: bool = False, **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
     (TSV-C files from `compress` are accepted too). Without `out`, returns a dict of
-    merged tensors with the base's dtypes; with `out`, writes a model folder and returns the
-    report. `report=FILE` also writes the JSON report there. Outputs are published whole at
-    the end (`io.publish`): an existing one is replaced only with `overwrite=True`, and never
-    an input. `options` are the method's and the backend's (`tsvmerge.METHODS[name].options`,
-    `backend.OPTIONS`).
+    merged tensors with the base's dtypes and names; with `out`, writes a model folder and
+    returns the report (a base folder's config and tokenizer files are carried over:
+    `io.model_files`). `report=FILE` also writes the JSON report there. Outputs are published
+    whole at the end (`io.publish`): an existing one is replaced only with `overwrite=True`,
+    and never an input. `trust_pickle` lets `.pt/.bin` files that hold whole pickled modules be
+    unpickled (it can run code). `options` are the method's and the backend's
+    (`tsvmerge.METHODS[name].options`, `backend.OPTIONS`).
     """
     start = time.perf_counter()
     finetuned = task_list(finetuned)
@@ -182,7 +194,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
     report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
     claim_distinct(out_t, report_t)
-    base_ckpt, tasks = open_inputs(base, finetuned)
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
     rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
@@ -191,14 +203,15 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
              for n, p in plan.tensors.items()}
     meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
-            "inputs": [{"source": c.source, "fingerprint": c.fingerprint()} for c in [base_ckpt] + tasks]}
+            "inputs": describe_inputs([base_ckpt] + tasks)}
     notes = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
                            "(times alpha) to the base, there is nothing to merge it with")
 
-    def run(write):
+    def run(write, carried=None):
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
                             progress=progress)
-        return {**meta, "warnings": notes, "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
+        return {**meta, **({} if carried is None else {"carried": carried}), "warnings": notes, "tensors": entries,
+                "summary": _summary(entries, time.perf_counter() - start)}
 
     if out_t is None:
         merged = {}
@@ -208,7 +221,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         return merged
     with model_writer(out_t, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
                       also=(report_t,)) as writer:
-        rep = run(writer.write)
+        rep = run(writer.write, carry_model_files(base, writer.folder))
         write_json(os.path.join(writer.folder, REPORT_NAME), rep)
         if report_t:
             write_json(writer.also[0], rep)

@@ -58,7 +58,7 @@ def parse_alpha(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
 
 
-def count(low: int):
+def whole_number(low: int):
     """A whole number >= `low`."""
     def parse(text: str) -> int:
         try:
@@ -87,6 +87,10 @@ BACKEND_FLAGS = _declared("backend", importable_options())
 METHOD_FLAGS = _declared("method", {m.name: m.options for m in METHODS.values()})
 
 
+TRUST_HELP = ("unpickle .pt/.bin files that hold whole pickled modules (as the TSV paper's checkpoints do) and "
+              "take their state_dict(); this can run code from the file: use it only for files you trust")
+
+
 def _common(p, *, task_list=True):
     p.add_argument("base", help="base checkpoint: .safetensors, .pt/.bin, or a model folder")
     if task_list:
@@ -101,12 +105,14 @@ def _common(p, *, task_list=True):
     p.add_argument("--batch-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory budget of one batch of layers x tasks (default 1GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     add_flags(p, *BACKEND_FLAGS)
 
 
 def _engine_kwargs(a) -> dict:
     kw = {"exclude": a.exclude, "preset": a.preset, "backend": a.backend, "device": a.device,
           "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True,
+          "trust_pickle": a.trust_pickle,
           **given_flags(a, BACKEND_FLAGS[0])}
     if a.batch_memory:
         kw["batch_bytes"] = a.batch_memory
@@ -146,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output model folder")
     p.add_argument("--out-dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+
+    p = sub.add_parser("convert", help="write a checkpoint once as a .safetensors file (no unpickling later)")
+    p.add_argument("checkpoint", help=".pt/.bin file, .safetensors file or model folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("interference", help="Singular Task Interference per tensor and task-pair overlaps")
     _common(p)
@@ -153,16 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="write the full JSON (with T x T overlaps) here")
     p.add_argument("--plot", help="write a picture (png, pdf, svg): STI per tensor and the mean task-pair overlap")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report or plot")
-    p.add_argument("--top", type=count(0), default=10, help="rows to print")
+    p.add_argument("--top", type=whole_number(0), default=10, help="rows to print")
 
     p = sub.add_parser("inspect", help="summarise a checkpoint, TSV-C file or merged folder")
     p.add_argument("path")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
     p = sub.add_parser("zoo", help="write a synthetic zoo (base + fine-tunes with ViT shapes)")
     p.add_argument("out", help="folder to write")
     p.add_argument("--arch", default="ViT-B-32", help="ViT-B-32, ViT-B-16 or ViT-L-14")
-    p.add_argument("--tasks", type=count(1), default=8)
-    p.add_argument("--layers", type=count(0), help="override the number of transformer blocks")
+    p.add_argument("--tasks", type=whole_number(1), default=8)
+    p.add_argument("--layers", type=whole_number(0), help="override the number of transformer blocks")
     p.add_argument("--spectrum", default="powerlaw", choices=["powerlaw", "gapped"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
@@ -174,6 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_notes(inputs: list) -> None:
+    for entry in inputs:
+        for note in entry.get("notes", ()):
+            print(f"  note: {entry['source']}: {note}")
+
+
+def _print_carried(carried) -> None:
+    if carried:
+        print(f"  carried from the base folder: {', '.join(carried)}")
+
+
 def _print_merge(rep: dict, out: str) -> None:
     s = rep["summary"]
     print(f"merged {s['tensors']} tensors with {rep['method']} on backend {rep['backend']['backend']} "
@@ -183,6 +208,8 @@ def _print_merge(rep: dict, out: str) -> None:
         print(f"  captured energy, an estimate that errs low (min over spectral tensors): {s['min_energy']:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
+    _print_notes(rep["inputs"])
+    _print_carried(rep.get("carried"))
 
 
 def _cmd_merge(a) -> int:
@@ -205,8 +232,18 @@ def _cmd_compress(a) -> int:
 
 def _cmd_decompress(a) -> int:
     from . import decompress
-    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite)
+    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite,
+                     trust_pickle=a.trust_pickle)
     print(f"decompressed {rep['tensors']} tensors -> {rep['out']}")
+    _print_carried(rep["carried"])
+    return EXIT_OK
+
+
+def _cmd_convert(a) -> int:
+    from . import convert
+    rep = convert(a.checkpoint, a.out, trust_pickle=a.trust_pickle, overwrite=a.overwrite)
+    print(f"converted {rep['tensors']} tensors: {rep['source']} -> {rep['out']}")
+    _print_notes([rep])
     return EXIT_OK
 
 
@@ -225,11 +262,13 @@ def _cmd_interference(a) -> int:
 
 def _cmd_inspect(a) -> int:
     from .io import CompressedTask, open_checkpoint
-    ckpt = open_checkpoint(a.path)
+    ckpt = open_checkpoint(a.path, a.trust_pickle)
     infos = ckpt.infos()
     total = sum(i.numel for i in infos.values())
     dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos.values()})
     print(f"{ckpt.source}: {len(infos)} tensors, {total:,} numbers, dtypes {', '.join(dtypes)}")
+    for note in ckpt.notes:
+        print(f"  note: {note}")
     by_shape: dict = {}
     for info in infos.values():
         by_shape[info.shape] = by_shape.get(info.shape, 0) + 1
@@ -259,7 +298,7 @@ def _cmd_zoo(a) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
+COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress, "convert": _cmd_convert,
             "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
 
 

@@ -21,7 +21,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
                  device: str = "cpu", compute_dtype="float32", k: int | None = None,
                  orthogonalize: str = "procrustes", seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  progress: bool | None = None, report: str | None = None, plot: str | None = None,
-                 overwrite: bool = False, **options) -> dict:
+                 overwrite: bool = False, trust_pickle: bool = False, **options) -> dict:
     """STI per spectral tensor, before and after orthogonalisation, and the T x T task-pair
     overlaps ||U_i^T U_j||_F / sqrt(k) (likewise V; the diagonal is 1). `report` writes the
     JSON, `plot` a picture (its format from the extension: png, pdf, svg); an existing file is
@@ -36,7 +36,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
                         for p in (report, plot))
     claim_distinct(report_t, plot_t)
     plot_format = plot_t and picture_format(plot_t.path)
-    base_ckpt, tasks = open_inputs(base, finetuned)
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     notes = input_warnings(base_ckpt, tasks)
     T = len(tasks)
     plan = plan_merge(base_ckpt, tasks, spectral_rank=functools.partial(merge_rank, T=T, k=k),

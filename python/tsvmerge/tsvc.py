@@ -15,6 +15,7 @@ from .api import DEFAULT_SHARD_SIZE, exclusions, input_warnings, make_backend, o
 from .engine import iter_batches
 from .io import CompressedTask, InputError, TensorInfo, claim, file_writer, input_paths, model_writer
 from .io.checkpoint import DictCheckpoint
+from .io.model_files import carry_model_files
 from .io import tsvc_file
 from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge
 
@@ -60,7 +61,8 @@ def compressed_path(out, task) -> str:
 
 def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False, exclude=(),
              preset: str | None = None, backend: str = "reference", device: str = "cpu", compute_dtype="float32",
-             seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, **options):
+             seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None,
+             trust_pickle: bool = False, **options):
     """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
 
     With `out` (a .safetensors path, or a folder: see `compressed_path`) writes the file and
@@ -74,7 +76,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
     if out is not None:
         target = claim(compressed_path(out, finetuned_one), folder=False, overwrite=overwrite,
                        inputs=input_paths([base, finetuned_one]))
-    base_ckpt, (task,) = open_inputs(base, [finetuned_one])
+    base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
     notes = input_warnings(base_ckpt, [task])
@@ -140,14 +142,15 @@ def _compress_report(entries, meta) -> dict:
 
 
 def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = False,
-               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES):
+               progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, trust_pickle: bool = False):
     """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back;
-    non-floating tensors as the fine-tune stored them). With `out`, writes a model folder
-    (replacing an existing one only with `overwrite=True`)."""
+    non-floating tensors as the fine-tune stored them). With `out`, writes a model folder, with
+    a base folder's config and tokenizer files carried over (`io.model_files`), replacing an
+    existing one only with `overwrite=True`."""
     target = None
     if out is not None:
         target = claim(out, folder=True, overwrite=overwrite, inputs=input_paths([base, compressed]))
-    base_ckpt, (task,) = open_inputs(base, [compressed])
+    base_ckpt, (task,) = open_inputs(base, [compressed], trust_pickle)
     if not isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
     plan = plan_merge(base_ckpt, [task], batch_bytes=batch_bytes)
@@ -173,5 +176,6 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
         return tensors
     with model_writer(target, infos, {"format": "pt", "tsvmerge": "decompressed"},
                       shard_size=DEFAULT_SHARD_SIZE) as writer:
+        carried = carry_model_files(base, writer.folder)
         run(writer.write)
-    return {"out": target.path, "tensors": len(infos)}
+    return {"out": target.path, "tensors": len(infos), "carried": carried}

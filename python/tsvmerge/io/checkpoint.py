@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 
 import torch
 
@@ -26,6 +28,8 @@ class Checkpoint:
     is_delta = False
     # Reading waits on files (the engine then reads ahead in a background thread).
     reads_files = True
+    # How the input was read, where the report should say so (a pickle trusted, names mapped).
+    notes = ()
     _fingerprint: str | None = None
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -99,26 +103,26 @@ class SafetensorsFile(Checkpoint):
 class TorchFile(Checkpoint):
     """A pickled state dict, loaded with weights_only=True and memory-mapped.
 
+    With `trust_pickle`, a file that holds other objects (a whole pickled module, as the
+    task-vectors checkpoints are) is unpickled in full and its `state_dict()` taken.
     The mapping is dropped on `release`, so the pages a batch touched leave RSS with it.
     """
 
-    def __init__(self, path: str):
-        self.source = path
+    def __init__(self, path: str, trust_pickle: bool = False):
+        self.source, self.trust_pickle = path, trust_pickle
         self._sd = None
+        self.notes = []
         self._infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._load().items()}
         self.release()
 
     def _load(self):
         if self._sd is None:
-            try:
-                try:
-                    obj = torch.load(self.source, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError as e:
-                    if "mmap" not in str(e):
-                        raise
-                    obj = torch.load(self.source, map_location="cpu", weights_only=True)  # legacy format
-            except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
-                raise InputError(self.source, None, f"cannot load as a PyTorch state dict: {e}") from None
+            obj = _torch_load(self.source, self.trust_pickle)
+            if isinstance(obj, torch.nn.Module):
+                if not self.notes:
+                    self.notes.append(f"a pickled {type(obj).__name__} module, unpickled in full (trust_pickle); "
+                                      "its state_dict() was used")
+                obj = obj.state_dict()
             if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
                 obj = obj["state_dict"]
             if not isinstance(obj, dict) or not obj:
@@ -139,10 +143,46 @@ class TorchFile(Checkpoint):
         self._sd = None
 
 
+def _torch_load(path: str, trust_pickle: bool):
+    """torch.load with weights_only=True; with `trust_pickle`, a file that needs more is
+    unpickled in full. A refusal is one sentence, never torch's message."""
+    try:
+        return _mapped_load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:
+            raise InputError(path, None, "cannot load as a PyTorch state dict: the pickle is corrupted") from None
+        if not trust_pickle:
+            raise InputError(path, None, f"holds a pickled {found.group(1)}, not only tensors, and unpickling it "
+                             "could run any code: if you trust the file, pass --trust-pickle (trust_pickle=True), "
+                             "or convert it once with tsvmerge convert --trust-pickle") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many types for bad files
+        raise InputError(path, None, f"cannot load as a PyTorch state dict: {_first_line(e)}") from None
+    try:
+        return _mapped_load(path, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - unpickling runs the file's own code, which may raise anything
+        raise InputError(path, None, f"cannot unpickle (trust_pickle): {_first_line(e)}") from None
+
+
+def _mapped_load(path: str, weights_only: bool):
+    """Memory-mapped where the format allows (the zip format since torch 1.6)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)  # legacy format
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message without terminal escape codes, first line only."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0][:200]
+
+
 class ShardedFolder(Checkpoint):
     """A Hugging Face folder: `*.index.json` mapping names to shard files."""
 
-    def __init__(self, folder: str, index_path: str):
+    def __init__(self, folder: str, index_path: str, trust_pickle: bool = False):
         self.source = folder
         try:
             with open(index_path) as f:
@@ -156,7 +196,7 @@ class ShardedFolder(Checkpoint):
                 path = os.path.join(folder, shard)
                 if not os.path.exists(path):
                     raise InputError(index_path, name, f"its shard {shard} is missing")
-                self._shards[shard] = _open_file(path)
+                self._shards[shard] = _open_file(path, trust_pickle)
             self._where[name] = self._shards[shard]
         for shard, ckpt in self._shards.items():
             listed = {n for n, s in weight_map.items() if s == shard}
@@ -177,18 +217,19 @@ class ShardedFolder(Checkpoint):
             ckpt.release()
 
 
-def _open_file(path: str) -> Checkpoint:
+def _open_file(path: str, trust_pickle: bool = False) -> Checkpoint:
     if path.endswith(".safetensors"):
         from .tsvc_file import FORMAT, CompressedTask  # it builds on Checkpoint, defined here
         ckpt = SafetensorsFile(path)
         return CompressedTask(ckpt, ckpt.metadata) if ckpt.metadata.get("format") == FORMAT else ckpt
     if path.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        return TorchFile(path)
+        return TorchFile(path, trust_pickle)
     raise InputError(path, None, "unknown file type (expected .safetensors, .pt, .pth or .bin)")
 
 
-def open_checkpoint(src) -> Checkpoint:
-    """Open a state dict, file or model folder lazily; errors name the file."""
+def open_checkpoint(src, trust_pickle: bool = False) -> Checkpoint:
+    """Open a state dict, file or model folder lazily; errors name the file. `trust_pickle`
+    lets a `.pt/.bin` file that holds more than tensors be unpickled in full (it can run code)."""
     if isinstance(src, Checkpoint):
         return src
     if isinstance(src, dict):
@@ -199,12 +240,12 @@ def open_checkpoint(src) -> Checkpoint:
     if os.path.isdir(path):
         for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             if os.path.exists(os.path.join(path, index)):
-                return ShardedFolder(path, os.path.join(path, index))
+                return ShardedFolder(path, os.path.join(path, index), trust_pickle)
         for single in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(path, single)):
-                return _open_file(os.path.join(path, single))
+                return _open_file(os.path.join(path, single), trust_pickle)
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if len(files) == 1:
             return _open_file(os.path.join(path, files[0]))
         raise InputError(path, None, "folder has no model.safetensors, index json or single .safetensors file")
-    return _open_file(path)
+    return _open_file(path, trust_pickle)

@@ -280,6 +280,13 @@ ROWS = [
     row("interference-report-is-the-base-overwrite", STI + ["--report", "{base}", "--overwrite"], 2, "{base}",
         "is an input"),
     row("interference-plot-is-a-task-overwrite", STI + ["--plot", "{t1}", "--overwrite"], 2, "{t1}", "is an input"),
+    row("convert-onto-its-input-overwrite", ["convert", "{base}", "{base}", "--overwrite"], 2, "{base}", "is an input"),
+    row("convert-into-the-input-folder", ["convert", "{hf}", "{hf}/model2.safetensors"], 2, "{hf}/model2.safetensors",
+        "lies inside the input folder"),
+    row("convert-out-exists", ["convert", "{base}", "{tmp}/c.safetensors"], 2, "{tmp}/c.safetensors",
+        "already exists", "c_file"),
+    row("convert-out-is-a-folder", ["convert", "{base}", "{tmp}/out", "--overwrite"], 2, "{tmp}/out", "is a folder",
+        "out_folder"),
     # -- TSV-C misuse -------------------------------------------------------------------------
     row("tsvc-as-the-base", ["merge", "{tsvc}", "{t1}", "{t2}", "-o", "{tmp}/out"], 2, "{tsvc}", "not a base"),
     row("tsvc-compressed-again", ["compress", "{base}", "{tsvc}", "-o", "{tmp}/c.safetensors"], 2, "{tsvc}",
@@ -292,6 +299,7 @@ ROWS = [
         "not a base"),
     row("merge-tsvc-against-another-base", ["merge", "{t3}", "{tsvc}", "{t2}", "-o", "{tmp}/out"], 2, "{tsvc}",
         "different base"),
+    row("convert-a-tsvc-file", ["convert", "{tsvc}", "{tmp}/c.safetensors"], 2, "{tsvc}", "decompress"),
     row("interference-tsvc-as-the-base", ["interference", "{tsvc}", "{t1}", "{t2}"], 2, "{tsvc}", "not a base"),
     # -- inputs the planner or the engine refuses (after the output was begun: nothing left) --
     row("task-with-nan", ["merge", "{base}", "{t1}", "{nan}", "-o", "{tmp}/out", "--no-progress"], 2, "{nan}",

@@ -87,7 +87,8 @@ def test_compress_into_a_folder(zoo, tmp_path, capsys):
     (tmp_path / "other").mkdir()
     assert main(["compress", zoo.base, zoo.finetuned[1], "-o", str(tmp_path / "other"), "--no-progress"]) == 0
     assert os.listdir(tmp_path / "other") == ["task_02.tsvc.safetensors"]
-    assert sorted(os.listdir(tmp_path)) == ["new", "other"] and os.listdir(tmp_path / "new") == ["task_01.tsvc.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["new", "other"]
+    assert os.listdir(tmp_path / "new") == ["task_01.tsvc.safetensors"]
 
 
 def test_demo_reruns_replace_only_what_it_made(tmp_path, capsys):

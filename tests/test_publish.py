@@ -11,7 +11,7 @@ import pytest
 
 from tsvmerge.io import OutputError, claim, publishing
 from tsvmerge.io import publish
-from tsvmerge.notes import TsvmergeWarning
+from tsvmerge.warn import TsvmergeWarning
 from tsvmerge.signals import Interrupted, handled
 
 

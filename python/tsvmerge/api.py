@@ -17,7 +17,7 @@ from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, Te
 from .io.model_files import carry_model_files
 from .io.names import align_names
 from .methods import get_method
-from .notes import warn
+from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
 from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
 
@@ -204,14 +204,14 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
-    notes = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
+    warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
                            "(times alpha) to the base, there is nothing to merge it with")
 
     def run(write, carried=None):
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
                             progress=progress)
-        return {**meta, **({} if carried is None else {"carried": carried}), "warnings": notes, "tensors": entries,
-                "summary": _summary(entries, time.perf_counter() - start)}
+        return {**meta, **({} if carried is None else {"carried": carried}), "warnings": warned,
+                "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
 
     if out_t is None:
         merged = {}

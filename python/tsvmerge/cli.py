@@ -14,7 +14,7 @@ from . import __version__
 from .backends import BACKENDS, importable_options
 from .methods import METHODS
 from .io import InputError, OutputError
-from .notes import TsvmergeWarning
+from .warn import TsvmergeWarning
 from .options import add_flags, finite_float, given_flags
 from .signals import handled
 
@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, task_list=False)
     p.add_argument("finetuned", help="the fine-tuned checkpoint to compress")
     p.add_argument("-o", "--out", required=True,
-                   help="output .safetensors file, or a folder (existing, or ending in /) to write NAME.tsvc.safetensors in")
+                   help="output .safetensors file, or a folder (existing, or ending in /) to write "
+                   "NAME.tsvc.safetensors in")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--rank", type=parse_rank, default=0.1,
                    help="kept rank: a fraction of min(m, n) like 0.1, or an absolute rank like 32")

@@ -193,11 +193,12 @@ def _non_finite(loaded: Loaded, l: int, method, backend, alpha, options, dtype, 
         return InputError(plan.base.source, name, "the merged values overflow even in float64: the task vectors or "
                           "alpha are too large")
     for what, d, flag in (("output", dtype, "--out-dtype"), ("compute", backend.compute_dtype, "--dtype")):
-        if max(peak, abs(alpha) if what == "compute" else 0.0) > torch.finfo(d).max:
+        reach = max(peak, abs(alpha)) if what == "compute" else peak
+        if reach > torch.finfo(d).max:
             fix = f"use {flag} float32 or a smaller alpha" if d.itemsize < 4 else "use a smaller alpha"
-            return InputError(plan.base.source, name, f"the merged values (or alpha) reach {max(peak, abs(alpha)):.3g}, "
-                              f"beyond the range of the {what} dtype {str(d).replace('torch.', '')} "
-                              f"(max {torch.finfo(d).max:.3g}): {fix}")
+            dtype_name = str(d).replace("torch.", "")
+            return InputError(plan.base.source, name, f"the merged values (or alpha) reach {reach:.3g}, beyond the "
+                              f"range of the {what} dtype {dtype_name} (max {torch.finfo(d).max:.3g}): {fix}")
     return FloatingPointError(f"non-finite merged values in {name} on backend {backend.name}, finite when merged "
                               "exactly: please report this with the inputs' shapes")
 

@@ -37,7 +37,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
     claim_distinct(report_t, plot_t)
     plot_format = plot_t and picture_format(plot_t.path)
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
-    notes = input_warnings(base_ckpt, tasks)
+    warned = input_warnings(base_ckpt, tasks)
     T = len(tasks)
     plan = plan_merge(base_ckpt, tasks, spectral_rank=functools.partial(merge_rank, T=T, k=k),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
@@ -52,7 +52,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
             out[name] = {"k": f.k, "sti": float(before[l]), "sti_orthogonalized": float(after[l]),
                          "overlap_u": overlap_u[l].tolist(), "overlap_v": overlap_v[l].tolist()}
     rep = {"tasks": [t.source for t in tasks], "base": base_ckpt.source, "orthogonalize": orthogonalize,
-           "backend": be.describe(), "warnings": notes, "tensors": out}
+           "backend": be.describe(), "warnings": warned, "tensors": out}
     with publishing(report_t, plot_t) as (report_tmp, plot_tmp):
         if report_tmp:
             write_json(report_tmp, rep)

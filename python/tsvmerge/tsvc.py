@@ -79,7 +79,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
     base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
-    notes = input_warnings(base_ckpt, [task])
+    warned = input_warnings(base_ckpt, [task])
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     stored = task.infos()
@@ -91,7 +91,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
     def run(write):
         for loaded in iter_batches(plan, be, plan.batches, "compress", progress):
             _compress_batch(loaded, plan, be, task, write, entries)
-        return {**_compress_report(entries, meta), "warnings": notes}
+        return {**_compress_report(entries, meta), "warnings": warned}
 
     if out is None:
         tensors = {}

@@ -218,7 +218,8 @@ def make_zoo(folder: str, arch: str | Arch = "ViT-B-32", tasks: int = 8, layers:
             for i, name in enumerate(names):
                 writers.append(SafetensorsWriter(os.path.join(tmp, name), infos, {**about, "task": str(i)}))
             total = sum(info.nbytes for info in infos.values()) * len(writers)
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"zoo {a.name} x{tasks}", disable=not progress) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"zoo {a.name} x{tasks}",
+                      disable=not progress) as bar:
                 for name, base, fts in _generate(a, tasks, layers, seed, spectrum):
                     for writer, tensor in zip(writers, [base, *fts]):
                         writer.write(name, tensor.to(dtype))

@@ -27,7 +27,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 
-from ..notes import warn
+from ..warn import warn
 from ..signals import deferred
 
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2

@@ -167,6 +167,7 @@ CASES = {
     "2.0 dim": (file_of(st_bytes(W.replace("[2,3]", "[2.0,3]"), B)), "w", "shape"),
     "1e0 dim": (file_of(st_bytes(W.replace("[2,3]", "[2,3e0]"), B)), "w", "shape"),
     "true dim": (file_of(st_bytes(W.replace("[2,3]", "[true,2,3]"), B)), "w", "shape"),
+    "-0 dim": (file_of(st_bytes(W.replace("[2,3]", "[2,3,-0]"), B)), "w", "shape"),
     "negative dim": (file_of(st_bytes(W.replace("[2,3]", "[-2,-3]"), B)), "w", "shape"),
     "string dim": (file_of(st_bytes(W.replace("[2,3]", '["2",3]'), B)), "w", "shape"),
     "null dim": (file_of(st_bytes(W.replace("[2,3]", "[null]"), B)), "w", "shape"),

@@ -87,17 +87,22 @@ def _strict_object(pairs: list) -> dict:
     return out
 
 
+def _int(text: str):
+    """JSON integers, but "-0" is the float -0.0 as in serde_json (the safetensors package)."""
+    return -0.0 if text == "-0" else int(text)
+
+
 def parse_json(raw: bytes, source: str, what: str):
     """Parse UTF-8 JSON with no duplicate keys at any level and bounded nesting.
 
-    NaN and Infinity parse to floats, which no field of ours accepts, so the caller's type
+    NaN, Infinity and -0 parse to floats, which no field of ours accepts, so the caller's type
     checks refuse them with the tensor's name.
     """
     if not nesting_depth_ok(raw):
         raise InputError(source, None, f"{what} is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels "
                                        "or its brackets do not balance")
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object, parse_int=_int)
     except _Refused as e:
         raise InputError(source, None, f"{what} JSON {e}") from None
     except UnicodeDecodeError:

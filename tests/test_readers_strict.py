@@ -120,7 +120,8 @@ class Module(torch.nn.Module):
 
 
 DEEP = "[" * 100_000 + "]" * 100_000
-TSVC_META = '"__metadata__":{"format":"tsvmerge.tsvc","spectral":"{}"}'
+TSVC_META = ('"__metadata__":{"format":"tsvmerge.tsvc","tsvmerge_version":"0.1.0","rank":"0.5","spectral":"{}",'
+             '"base_fingerprint":"0123456789abcdef"}')
 
 # id -> (maker, tensor the message names or None, words it contains)
 CASES = {

@@ -202,7 +202,7 @@ class ShardedFolder(Checkpoint):
             if not os.path.lexists(path):
                 raise InputError(index_path, names[0], f"its shard {shard} is missing")
             ckpt = _open_file(path)
-            if isinstance(ckpt, CompressedTask):
+            if ckpt.is_delta:
                 raise InputError(path, None, "is a TSV-C file, which cannot be a shard of a model folder")
             have = ckpt.infos()
             for name in names:

@@ -17,8 +17,9 @@ MAX_JSON_DEPTH = 16                 # the formats need 3; Python's parser recurs
 
 _KINDS = {stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a FIFO (named pipe)", stat.S_ISCHR: "a character device",
           stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_QUOTE_OR_BRACKET = bytes(b for b in range(256) if b not in b'"[]{}')
+_MINUS_ZERO = re.compile(rb"-0(?![0-9.eE])")            # may also match inside strings: then only slower
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _check_regular(path: str, mode: int) -> None:
@@ -31,7 +32,7 @@ def open_regular(path: str):
     """Open a regular file for reading (a buffered binary file); anything else is an InputError.
 
     Checked with stat before the open, and again on the descriptor: O_NONBLOCK keeps the open
-    itself from blocking if a FIFO is swapped in between.
+    itself from blocking if a FIFO is swapped in between (on a regular file it changes nothing).
     """
     try:
         _check_regular(path, os.stat(path).st_mode)
@@ -42,7 +43,6 @@ def open_regular(path: str):
         raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
     try:
         _check_regular(path, os.fstat(fd).st_mode)
-        os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -52,10 +52,13 @@ def open_regular(path: str):
 def nesting_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
     """True when JSON text nests at most about `limit` levels (at most 2*limit), without parsing it.
 
-    Strings are dropped, then each round removes every innermost pair of brackets; text of
-    depth d is empty after d rounds. Unbalanced brackets also answer False.
+    Escaped backslashes, then escaped quotes, are dropped (left to right, as JSON reads them),
+    then every byte but quotes and brackets; what lies between quote pairs was inside strings.
+    Each round then removes every innermost bracket pair: depth d is empty after d rounds.
+    Unbalanced brackets also answer False.
     """
-    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    kept = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_QUOTE_OR_BRACKET)
+    brackets = b"".join(kept.split(b'"')[::2])
     for _ in range(limit):
         if not brackets:
             return True
@@ -68,8 +71,7 @@ class _Refused(Exception):
 
 
 def _strict_object(pairs: list) -> dict:
-    """A JSON object with no repeated key and no string that is not valid Unicode (a lone
-    surrogate escape like \\ud800, which Python accepts and the safetensors package refuses)."""
+    """A JSON object whose keys are all different."""
     out = dict(pairs)
     if len(out) != len(pairs):
         seen = set()
@@ -77,13 +79,6 @@ def _strict_object(pairs: list) -> dict:
             if key in seen:
                 raise _Refused(f"repeats the key '{key}': duplicate keys are ambiguous")
             seen.add(key)
-    for key, value in pairs:
-        for text in (key, value) if isinstance(value, str) else (key,):
-            if not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _Refused(f"has a string that is not valid Unicode ('{text}')") from None
     return out
 
 
@@ -93,18 +88,27 @@ def _int(text: str):
 
 
 def parse_json(raw: bytes, source: str, what: str):
-    """Parse UTF-8 JSON with no duplicate keys at any level and bounded nesting.
+    """Parse UTF-8 JSON as the safetensors package does: no duplicate keys at any level, no
+    lone surrogate escapes (\\ud800), bounded nesting (checked first: Python's parser recurses).
 
     NaN, Infinity and -0 parse to floats, which no field of ours accepts, so the caller's type
-    checks refuse them with the tensor's name.
+    checks refuse them with the tensor's name. The costly checks run only where a cheap scan
+    of the bytes says they can matter.
     """
     if not nesting_depth_ok(raw):
         raise InputError(source, None, f"{what} is not valid JSON: it nests deeper than {MAX_JSON_DEPTH} levels "
                                        "or its brackets do not balance")
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object, parse_int=_int)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object,
+                         parse_int=_int if _MINUS_ZERO.search(raw) else None)
+        if _SURROGATE.search(raw):
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return obj
     except _Refused as e:
         raise InputError(source, None, f"{what} JSON {e}") from None
+    except UnicodeEncodeError:
+        raise InputError(source, None, f"{what} JSON has a string with a lone surrogate escape: not valid "
+                                       "Unicode") from None
     except UnicodeDecodeError:
         raise InputError(source, None, f"{what} is not valid UTF-8: corrupted file") from None
     except ValueError as e:

@@ -28,6 +28,7 @@ OTHER_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "
                 "U16", "U32", "U64", "C64")
 _MAX_DIM = 2**64 - 1                # the safetensors package reads dims and offsets as u64
 _FIELDS = {"dtype", "shape", "data_offsets"}
+_INT = {int}
 
 
 def dtype_refusal(name: str) -> str:
@@ -89,17 +90,17 @@ def read_header(path: str) -> tuple[dict, dict, int]:
 
 def _entry(path: str, name: str, h, room: int) -> tuple[TensorInfo, int, int]:
     """One header entry as (info, begin, end) in the data buffer of `room` bytes."""
-    if not isinstance(h, dict) or set(h) != _FIELDS:
+    if type(h) is not dict or h.keys() != _FIELDS:
         got = sorted(h) if isinstance(h, dict) else type(h).__name__
         raise InputError(path, name, f"header entry must have exactly the fields dtype, shape, data_offsets (got {got})")
     dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPES:
+    if type(dtype) is not str or dtype not in DTYPES:
         if dtype in OTHER_DTYPES:
             raise InputError(path, name, dtype_refusal(dtype))
         raise InputError(path, name, f"unknown dtype {str(dtype)[:40]!r}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+    if not _counts(shape):
         raise InputError(path, name, f"shape {str(shape)[:80]} is not a list of integers from 0 to 2^64-1")
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+    if not _counts(offsets) or len(offsets) != 2:
         raise InputError(path, name, f"data_offsets {str(offsets)[:80]} is not a pair of integers from 0 to 2^64-1")
     info = TensorInfo(tuple(shape), DTYPES[dtype])
     begin, end = offsets
@@ -112,8 +113,9 @@ def _entry(path: str, name: str, h, room: int) -> tuple[TensorInfo, int, int]:
     return info, begin, end
 
 
-def _is_count(x) -> bool:
-    return type(x) is int and 0 <= x <= _MAX_DIM
+def _counts(x) -> bool:
+    """A list of integers in 0..2^64-1 (not bools, not floats), checked in C-speed builtins."""
+    return type(x) is list and set(map(type, x)) <= _INT and (not x or (min(x) >= 0 and max(x) <= _MAX_DIM))
 
 
 def _nbytes_within(info: TensorInfo, room: int) -> int | None:

@@ -3,6 +3,15 @@ import os
 import pytest
 import torch
 
+import torchvision_without_ops
+
+# open_clip needs torchvision, whose PyPI build cannot load its ops beside the CPU torch: let its
+# Python parts import, here and in every Python the tests start (torchvision_without_ops).
+torchvision_without_ops.install()
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(_TESTS, "startup"), _TESTS,
+                                                      os.environ.get("PYTHONPATH")) if p)
+
 # Without a GPU, Triton kernels run in the interpreter; this must be set before triton loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -140,7 +140,7 @@ def test_k0_falls_back_to_mean_and_says_so(seed, tmp_path):
     assert rel(out["narrow"] - base["narrow"], mean) < 1e-12
     import json
     rep = json.loads(report.read_text())
-    assert rep["tensors"]["narrow"]["path"] == "mean" and "k=0" in rep["tensors"]["narrow"]["note"]
+    assert rep["tensors"]["narrow"]["path"] == "dense" and "k=0" in rep["tensors"]["narrow"]["note"]
     assert rep["summary"]["fallbacks"] == ["narrow"]
 
 
@@ -218,3 +218,14 @@ def test_unknown_options_are_refused(seed):
         tsvmerge.merge(base, tasks, orthogonalise="whiten")
     with pytest.raises(ValueError, match="unknown method"):
         tsvmerge.merge(base, tasks, method="magic")
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "average", "tsv"])
+def test_scalar_tensors_merge(seed, method):
+    """0-d tensors (a logit scale, a temperature) take the dense path like any other."""
+    base, tasks = random_zoo(seed, 3, {"logit_scale": (), "w": (8, 6)})
+    out = tsvmerge.merge(base, tasks, method=method, backend="reference")
+    taus = torch.stack([t["logit_scale"] - base["logit_scale"] for t in tasks])
+    if method == "task_arithmetic":
+        assert torch.allclose(out["logit_scale"], base["logit_scale"] + taus.sum(), atol=1e-6)
+    assert out["logit_scale"].shape == () and torch.isfinite(out["logit_scale"])

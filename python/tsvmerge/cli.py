@@ -8,7 +8,9 @@ import re
 import sys
 
 from . import __version__
-from .backends import BACKENDS
+from .backends import BACKENDS, importable_options
+from .methods import METHODS
+from .options import add_flags, given_flags
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -22,8 +24,36 @@ def parse_size(text: str) -> int:
 
 
 def parse_rank(text: str):
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) and "." not in text else value
+    """0.1 is a fraction of min(m, n), 32 an absolute rank."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a rank: {text!r} (a fraction like 0.1 or a whole number like 32)") from None
+    if "." not in text and value == int(value):
+        value = int(value)
+    if not (0 < value <= 1 or (isinstance(value, int) and value >= 1)):
+        raise argparse.ArgumentTypeError(f"not a rank: {text!r} (a fraction in (0, 1] or a whole number >= 1)")
+    return value
+
+
+def _declared(kind: str, declarations: dict) -> tuple[list, dict]:
+    """Options that several methods (or backends) declare, once each (the same declaration),
+    and who declares each, for the help text."""
+    options, owners = {}, {}
+    for owner, declared in declarations.items():
+        for o in declared:
+            if options.setdefault(o.name, o) != o:
+                raise RuntimeError(f"option {o.name} is declared twice, differently")  # a programming error
+            owners.setdefault(o.name, []).append(owner)
+    return list(options.values()), {name: f"{kind} {'/'.join(who)}" for name, who in owners.items()}
+
+
+BACKEND_FLAGS = _declared("backend", importable_options())
+METHOD_FLAGS = _declared("method", {m.name: m.options for m in METHODS.values()})
+
+
+TRUST_HELP = ("unpickle .pt/.bin files that hold whole pickled modules (as the TSV paper's checkpoints do) and "
+              "take their state_dict(); this can run code from the file: use it only for files you trust")
 
 
 def _common(p, *, task_list=True):
@@ -37,22 +67,20 @@ def _common(p, *, task_list=True):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    p.add_argument("--svd", choices=["randomized", "exact"], help="SVD on the fast backends")
-    p.add_argument("--power-iters", type=int, help="power iterations of the randomized SVD")
-    p.add_argument("--oversample", type=int, help="oversampling of the randomized SVD")
-    p.add_argument("--batch-size", type=parse_size, default=None, metavar="BYTES",
+    p.add_argument("--batch-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory budget of one batch of layers x tasks (default 1GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    add_flags(p, *BACKEND_FLAGS)
 
 
 def _engine_kwargs(a) -> dict:
     kw = {"exclude": a.exclude, "preset": a.preset, "backend": a.backend, "device": a.device,
-          "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True}
-    for key in ("svd", "power_iters", "oversample"):
-        if getattr(a, key) is not None:
-            kw[key] = getattr(a, key)
-    if a.batch_size:
-        kw["batch_bytes"] = a.batch_size
+          "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True,
+          "trust_pickle": a.trust_pickle,
+          **given_flags(a, BACKEND_FLAGS[0])}
+    if a.batch_memory:
+        kw["batch_bytes"] = a.batch_memory
     return kw
 
 
@@ -65,11 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints into the base")
     _common(p)
     p.add_argument("-o", "--out", required=True, help="output model folder (written atomically)")
-    p.add_argument("--method", default="tsv", help="tsv, task_arithmetic, average, ties")
+    p.add_argument("--method", default="tsv", help=", ".join(METHODS))
     p.add_argument("--alpha", type=float, default=1.0, help="scale of the update (default 1.0)")
-    p.add_argument("--orthogonalize", choices=["procrustes", "whiten"], help="tsv: how to orthogonalise")
-    p.add_argument("--k", type=int, help="tsv: per-task rank (default floor(r/T))")
-    p.add_argument("--density", type=float, help="ties: fraction of entries kept per task")
+    add_flags(p, *METHOD_FLAGS)
     p.add_argument("--out-dtype", help="dtype of the merged floating tensors (default: the base's)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (default 5GB)")
     p.add_argument("--report", help="also write the JSON report here")
@@ -88,16 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output model folder")
     p.add_argument("--out-dtype")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+
+    p = sub.add_parser("convert", help="write a checkpoint once as a .safetensors file (no unpickling later)")
+    p.add_argument("checkpoint", help=".pt/.bin file, .safetensors file or model folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("interference", help="Singular Task Interference per tensor and task-pair overlaps")
     _common(p)
-    p.add_argument("--k", type=int, help="per-task rank (default floor(r/T))")
+    add_flags(p, METHODS["tsv"].options, {o.name: "as in method tsv" for o in METHODS["tsv"].options})
     p.add_argument("--report", help="write the full JSON (with T x T overlaps) here")
     p.add_argument("--plot", help="write a PNG: STI per tensor and the mean task-pair overlap")
     p.add_argument("--top", type=int, default=10, help="rows to print")
 
     p = sub.add_parser("inspect", help="summarise a checkpoint, TSV-C file or merged folder")
     p.add_argument("path")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
     p = sub.add_parser("zoo", help="write a synthetic zoo (base + fine-tunes with ViT shapes)")
     p.add_argument("out", help="folder to write")
@@ -112,23 +146,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_notes(inputs: list) -> None:
+    for entry in inputs:
+        for note in entry.get("notes", ()):
+            print(f"  note: {entry['source']}: {note}")
+
+
+def _print_carried(carried) -> None:
+    if carried:
+        print(f"  carried from the base folder: {', '.join(carried)}")
+
+
 def _print_merge(rep: dict, out: str) -> None:
     s = rep["summary"]
     print(f"merged {s['tensors']} tensors with {rep['method']} on backend {rep['backend']['backend']} "
           f"({rep['backend']['device']}) in {s['wall_s']:.2f} s -> {out}")
-    print(f"  spectral {s['spectral']}, mean {s['mean']}, copied {s['copy']}")
+    print(f"  spectral {s['spectral']}, dense {s['dense']}, copied {s['copy']}")
     if s.get("min_energy") is not None:
         print(f"  captured energy, an estimate that errs low (min over spectral tensors): {s['min_energy']:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
+    _print_notes(rep["inputs"])
+    _print_carried(rep.get("carried"))
 
 
 def _cmd_merge(a) -> int:
     from . import merge
-    kw = _engine_kwargs(a)
-    for key in ("orthogonalize", "k", "density"):
-        if getattr(a, key) is not None:
-            kw[key] = getattr(a, key)
+    kw = {**_engine_kwargs(a), **given_flags(a, METHOD_FLAGS[0])}
     rep = merge(a.base, a.finetuned, method=a.method, alpha=a.alpha, out=a.out, out_dtype=a.out_dtype,
                 shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, **kw)
     _print_merge(rep, a.out)
@@ -146,16 +190,24 @@ def _cmd_compress(a) -> int:
 
 def _cmd_decompress(a) -> int:
     from . import decompress
-    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite)
+    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite,
+                     trust_pickle=a.trust_pickle)
     print(f"decompressed {rep['tensors']} tensors -> {rep['out']}")
+    _print_carried(rep["carried"])
+    return EXIT_OK
+
+
+def _cmd_convert(a) -> int:
+    from . import convert
+    rep = convert(a.checkpoint, a.out, trust_pickle=a.trust_pickle, overwrite=a.overwrite)
+    print(f"converted {rep['tensors']} tensors: {rep['source']} -> {rep['out']}")
+    _print_notes([rep])
     return EXIT_OK
 
 
 def _cmd_interference(a) -> int:
     from . import interference
-    kw = _engine_kwargs(a)
-    if a.k is not None:
-        kw["k"] = a.k
+    kw = {**_engine_kwargs(a), **given_flags(a, METHODS["tsv"].options)}
     rep = interference(a.base, a.finetuned, report=a.report, **kw)
     rows = sorted(rep["tensors"].items(), key=lambda kv: -kv[1]["sti"])
     print(f"{'tensor':60s} {'k':>5s} {'STI':>12s} {'after':>10s}")
@@ -170,11 +222,13 @@ def _cmd_interference(a) -> int:
 
 def _cmd_inspect(a) -> int:
     from .io import CompressedTask, open_checkpoint
-    ckpt = open_checkpoint(a.path)
+    ckpt = open_checkpoint(a.path, a.trust_pickle)
     infos = ckpt.infos()
     total = sum(i.numel for i in infos.values())
     dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos.values()})
     print(f"{ckpt.source}: {len(infos)} tensors, {total:,} numbers, dtypes {', '.join(dtypes)}")
+    for note in ckpt.notes:
+        print(f"  note: {note}")
     by_shape: dict = {}
     for info in infos.values():
         by_shape[info.shape] = by_shape.get(info.shape, 0) + 1
@@ -200,7 +254,7 @@ def _cmd_zoo(a) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
+COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress, "convert": _cmd_convert,
             "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
 
 

@@ -67,7 +67,7 @@ def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loa
     base = base.to(dtype)
     svd = None
     if batch.path == SPECTRAL:
-        svd = _stored_factors(plan, batch.names, plan.tensors[batch.names[0]].k, dtype, device)
+        svd = _stored_factors(plan, batch.names, batch.k, dtype, device)
     tau = None
     if svd is None:
         # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
@@ -153,7 +153,7 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     dtypes = [out_dtype or plan.tensors[n].info.dtype for n in batch.names]
     if batch.path == COPY:
         return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
-    update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=plan.tensors[batch.names[0]].k,
+    update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=batch.k,
                               backend=backend, svd=loaded.svd, **options)
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)

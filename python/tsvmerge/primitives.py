@@ -274,3 +274,8 @@ def lowrank_apply(base: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch
     us = (upcast(u) * upcast(s).unsqueeze(-2)).reshape(-1, *u.shape[-2:])
     out = torch.baddbmm(upcast(base).reshape(-1, *base.shape[-2:]), us, upcast(v).reshape(-1, *v.shape[-2:]).mT, alpha=alpha)
     return out.reshape(base.shape).to(out_dtype)
+
+
+def lowrank_product(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """u diag(s) v^T for u [..., m, k], s [..., k], v [..., n, k] (fp32 accumulate)."""
+    return (upcast(u) * upcast(s).unsqueeze(-2)) @ upcast(v).mT

@@ -17,7 +17,7 @@ def format_merge_report(rep: dict) -> str:
                      f"{es[0].get('k', 0) or '':>5} {min(energy) if energy else float('nan'):10.4f} "
                      f"{sum(sti) / len(sti) if sti else float('nan'):10.4g} {sum(e['time_s'] for e in es):8.3f}")
     s = rep["summary"]
-    lines.append(f"{s['tensors']} tensors: {s['spectral']} spectral, {s['mean']} mean, {s['copy']} copied; "
+    lines.append(f"{s['tensors']} tensors: {s['spectral']} spectral, {s['dense']} dense, {s['copy']} copied; "
                  f"backend {rep['backend']['backend']} on {rep['backend']['device']}; {s['wall_s']:.2f} s")
     for name in s["fallbacks"]:
         lines.append(f"note: {name}: {rep['tensors'][name]['note']}")

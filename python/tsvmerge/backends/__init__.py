@@ -35,8 +35,8 @@ def _load(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def get_backend(name: str = "auto", device: str | torch.device = "cpu", **kwargs) -> Backend:
-    """Build a backend; `auto` is cuda > triton > torch on a GPU and torch on CPU."""
+def backend_class(name: str = "auto", device: str | torch.device = "cpu") -> type[Backend]:
+    """The class `get_backend` builds; `auto` is cuda > triton > torch on a GPU and torch on CPU."""
     device = torch.device(device)
     if name == "auto":
         name = next(b for b in ("cuda", "triton", "torch") if available(b, device))
@@ -44,7 +44,24 @@ def get_backend(name: str = "auto", device: str | torch.device = "cpu", **kwargs
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if not available(name, device):
         raise RuntimeError(f"backend {name!r} is not available on device {device} in this install")
-    return _load(name)(device=device, **kwargs)
+    return _load(name)
 
 
-__all__ = ["Backend", "TaskSVD", "BACKENDS", "available", "get_backend"]
+def get_backend(name: str = "auto", device: str | torch.device = "cpu", **kwargs) -> Backend:
+    """Build a backend; options it does not declare raise TypeError."""
+    return backend_class(name, device)(device=torch.device(device), **kwargs)
+
+
+def importable_options() -> dict[str, tuple]:
+    """Each backend's declared options, for the backends this install can import (the command
+    line offers their flags)."""
+    out = {}
+    for name in _REGISTRY:
+        try:
+            out[name] = _load(name).OPTIONS
+        except ImportError:
+            pass
+    return out
+
+
+__all__ = ["Backend", "TaskSVD", "BACKENDS", "available", "backend_class", "get_backend", "importable_options"]

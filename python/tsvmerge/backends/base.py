@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import primitives as P
+from ..options import Option, resolve
 
 
 @dataclass
@@ -21,13 +22,15 @@ class Backend:
     """Exact, device-agnostic defaults; fast backends override the expensive steps."""
 
     name = "base"
+    # The options this backend takes, declared once; merge() and the command line derive theirs.
+    OPTIONS: tuple[Option, ...] = ()
 
     def __init__(self, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
                  seed: int = 0, **options):
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.seed = int(seed)
-        self.options = options
+        self.options = resolve(self.OPTIONS, options, f"backend {self.name!r}")
 
     # -- spectral steps -------------------------------------------------------------
     def task_svd(self, finetuned: torch.Tensor, base: torch.Tensor | None, k: int) -> TaskSVD:

@@ -11,23 +11,26 @@ import functools
 import torch
 
 from .. import primitives as P
+from ..options import Option, boolean, non_negative_int
 from .base import Backend, TaskSVD
 from .reference import exact_task_svd
 
 
 class TorchBackend(Backend):
     name = "torch"
+    OPTIONS = (
+        Option("svd", str, "randomized", "top-k SVD of each task matrix", choices=("randomized", "exact")),
+        Option("oversample", non_negative_int, 10, "oversampling p of the randomized SVD"),
+        Option("power_iters", non_negative_int, 1, "Krylov blocks (or power iterations) q after the sketch"),
+        Option("krylov", boolean, True, "block Krylov range finder; off: subspace iteration"),
+        Option("energy_estimate", boolean, True, "estimate each tensor's captured energy for the report"),
+    )
 
-    def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, *, svd="randomized",
-                 oversample=10, power_iters=1, krylov=True, energy_estimate=True, **options):
+    def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, **options):
         super().__init__(device, compute_dtype, seed, **options)
-        if svd not in ("randomized", "exact"):
-            raise ValueError(f"svd must be 'randomized' or 'exact', not {svd!r}")
-        self.svd = svd
-        self.oversample = int(oversample)
-        self.power_iters = int(power_iters)
-        self.krylov = bool(krylov)
-        self.energy_estimate = bool(energy_estimate)
+        o = self.options
+        self.svd, self.oversample, self.power_iters = o["svd"], o["oversample"], o["power_iters"]
+        self.krylov, self.energy_estimate = o["krylov"], o["energy_estimate"]
 
     def describe(self) -> dict:
         return {**super().describe(), "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,

@@ -11,16 +11,18 @@ from tsvmerge.kernels.triton import delta_sketch as _delta
 from tsvmerge.kernels.triton import gram as _gram
 from tsvmerge.kernels.triton import lowrank_apply as _lowrank
 
+from ..options import Option, boolean
 from .randomized import TorchBackend
 
 
 class TritonBackend(TorchBackend):
     name = "triton"
+    # TF32 dots use tensor cores (~7x the fp32 FMA peak on H100); they agree to ~3e-4, ieee to ~1e-6.
+    OPTIONS = TorchBackend.OPTIONS + (Option("tf32", boolean, False, "TF32 tensor-core products (agree to ~3e-4)"),)
 
-    def __init__(self, device="cuda", compute_dtype=torch.float32, seed=0, *, tf32=False, **options):
+    def __init__(self, device="cuda", compute_dtype=torch.float32, seed=0, **options):
         super().__init__(device, compute_dtype, seed, **options)
-        # TF32 dots use tensor cores (~7x the fp32 FMA peak on H100); they agree to ~3e-4, ieee to ~1e-6.
-        self.input_precision = "tf32" if tf32 else "ieee"
+        self.input_precision = "tf32" if self.options["tf32"] else "ieee"
 
     @staticmethod
     def is_available() -> bool:

@@ -98,3 +98,31 @@ def atomic_file(target: str):
         os.unlink(tmp)
         raise
     os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _completed(writer):
+    """Close `writer` when the block succeeds; abort it (no half-written file kept) when not."""
+    try:
+        yield writer
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+
+
+@contextlib.contextmanager
+def model_writer(target: str, infos: dict[str, TensorInfo], metadata: dict, *, shard_size: int,
+                 overwrite: bool = False):
+    """A model folder (sharded safetensors + index json) written into a temporary folder and
+    published at `target` only when the block succeeds. Other files of the model (the report)
+    go into `writer.folder` inside the block."""
+    with atomic_folder(target, overwrite=overwrite) as tmp, _completed(ShardedWriter(tmp, infos, shard_size, metadata)) as w:
+        yield w
+
+
+@contextlib.contextmanager
+def file_writer(target: str, infos: dict[str, TensorInfo], metadata: dict):
+    """One safetensors file, published at `target` only when the block succeeds."""
+    with atomic_file(target) as tmp, _completed(SafetensorsWriter(tmp, infos, metadata)) as w:
+        yield w

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import primitives as P
+from . import lapack
 
 
 @dataclass
@@ -45,8 +46,7 @@ class Backend:
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            g = self.factor_gram(x, block) if g is None else g
-            return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
+            return P.whiten(x, self.factor_gram(x, block) if g is None else g, eigh=self.sym_eigh)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
 
     def orthogonal_root(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None,
@@ -60,7 +60,7 @@ class Backend:
         return self.gram(x, block)
 
     def sym_eigh(self, a: torch.Tensor):
-        return P.sym_eigh(a)
+        return lapack.sym_eigh(a)
 
     def gram(self, x: torch.Tensor, task_block: int | None = None) -> torch.Tensor:
         """x^T x; fast backends skip the known identity blocks when task_block is given."""

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the engine primitives on one ViT-B-32 shape group slice: the torch
 references (tsvmerge.primitives) and the torch backend's scheduled and fast routes
-(tsvmerge.backends.lapack, .polar).
+(tsvmerge.backends.lapack, .fast_polar).
 
     pytest benchmarks/bench_primitives.py --benchmark-only
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tsvmerge import primitives as P
-from tsvmerge.backends import get_backend, lapack, polar
+from tsvmerge.backends import fast_polar, get_backend, lapack
 from tsvmerge.zoo import make_zoo_dicts
 
 L, T = 2, 8
@@ -74,15 +74,15 @@ def test_gram(benchmark, panels, fp64):
 
 def test_gram_sym(benchmark, panels):
     """The fp64 factor Gram from its block triangle: compare with test_gram[fp64]."""
-    benchmark(polar.gram_sym, panels.double())
+    benchmark(fast_polar.gram_sym, panels.double())
 
 
 @pytest.mark.parametrize("route", ["fp32", "fp64"])
 def test_polar_root(benchmark, panels, route):
     """(x^T x)^(-1/2) from the factor Gram, as the torch backend orthogonalises: the fp32
     route (a well-conditioned Gram, the tall sides) against the fp64 one (the square sides)."""
-    g = polar.gram_sym(panels.double() if route == "fp64" else panels)
-    benchmark(polar.polar_root, panels, g)
+    g = fast_polar.gram_sym(panels.double() if route == "fp64" else panels)
+    benchmark(fast_polar.polar_root, panels, g)
 
 
 def test_polar(benchmark, panels):

@@ -1,10 +1,10 @@
 """The torch backend's CPU scheduling (tsvmerge.backends.lapack) and its fast route to the
-polar factor (tsvmerge.backends.polar) against the references in tsvmerge.primitives."""
+polar factor (tsvmerge.backends.fast_polar) against the references in tsvmerge.primitives."""
 import pytest
 import torch
 
 from tsvmerge import primitives as P
-from tsvmerge.backends import get_backend, lapack, polar
+from tsvmerge.backends import fast_polar, get_backend, lapack
 
 
 def rel(a, b):
@@ -34,7 +34,7 @@ def test_polar_root_routes_each_matrix_by_its_conditioning(seed, monkeypatch):
     fp64_batches = []
     inv_sqrt_psd = P.inv_sqrt_psd
     monkeypatch.setattr(P, "inv_sqrt_psd", lambda gram, *a, **kw: fp64_batches.append(gram.shape[0]) or inv_sqrt_psd(gram, *a, **kw))
-    root = polar.polar_root(x, polar.gram_sym(x))
+    root = fast_polar.polar_root(x, fast_polar.gram_sym(x))
     assert fp64_batches == [2] and root.dtype == torch.float32
     want = inv_sqrt_psd(P.gram(x.double()), range_only=True, data_dtype=torch.float32)
     for i, tol in enumerate((2e-5, 1e-6, 1e-6)):
@@ -44,7 +44,7 @@ def test_polar_root_routes_each_matrix_by_its_conditioning(seed, monkeypatch):
 @pytest.mark.parametrize("K, block", [(37, 128), (300, 128), (300, 64), (96, 96)])
 def test_gram_sym_matches_gram(seed, K, block):
     x = torch.randn(2, 3, 301, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    got = polar.gram_sym(x, block)
+    got = fast_polar.gram_sym(x, block)
     assert (got - P.gram(x)).abs().max() < 1e-10 * x.shape[-2]
 
 

@@ -101,7 +101,9 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
             "inputs": [{"source": c.source, "fingerprint": c.fingerprint()} for c in [base_ckpt] + tasks]}
 
     def finish(entries):
-        rep = {**meta, "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
+        # describe() again: what ran (kernel fallbacks, QR routes) is known only now
+        rep = {**meta, "backend": be.describe(), "tensors": entries,
+               "summary": _summary(entries, time.perf_counter() - start)}
         if report:
             _write_json(report, rep)
         return rep
@@ -153,9 +155,9 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
         kk = plan.tensors[loaded.batch.names[0]].k
         svd = loaded.svd or be.task_svd(loaded.tau, None, kk)
         u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
-        gu, gv = be.factor_gram(u, kk), be.factor_gram(v, kk)
+        gu, gv = be.factor_gram(u), be.factor_gram(v)
         before = sti(gu, s, gv)
-        uo, vo = be.orthogonalize(u, orthogonalize, kk, gu), be.orthogonalize(v, orthogonalize, kk, gv)
+        uo, vo = be.polar(u, orthogonalize, gu), be.polar(v, orthogonalize, gv)
         after = sti(be.factor_gram(uo), s, be.factor_gram(vo))
         overlap_u, overlap_v = (_pair_overlap(g, T, kk) for g in (gu, gv))
         for l, name in enumerate(loaded.batch.names):

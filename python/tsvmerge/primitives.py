@@ -3,7 +3,7 @@
 The fast versions are tested against these on random inputs: the Triton kernels
 (`tsvmerge.kernels.triton`, tests/test_triton_kernels.py), the CUDA kernels
 (`tsvmerge.kernels.cuda`, tests/test_cuda_kernels.py, on CPU through an emulation harness) and
-the torch backend's own routes (`tsvmerge.backends.polar` and `.lapack`,
+the torch backend's own routes (`tsvmerge.backends.fast_polar` and `.lapack`,
 tests/test_fast_paths.py). Shapes are batched: `L` layers of one shape group, `T` tasks,
 matrices `m x n`. A small dense step that a backend schedules or replaces (eigh, the Cholesky
 inverse) is a parameter.

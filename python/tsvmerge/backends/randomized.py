@@ -11,7 +11,7 @@ import functools
 import torch
 
 from .. import primitives as P
-from . import lapack, polar
+from . import fast_polar, lapack
 from .base import Backend, TaskSVD
 from .reference import exact_task_svd
 
@@ -54,30 +54,29 @@ class TorchBackend(Backend):
     def orthonormalize(self, y, passes=2):
         return P.orthonormalize(y, passes, r_inv=_serial_cholesky_r_inv)
 
-    def factor_gram(self, x, block=None):
-        """In x's dtype on CPU: `polar_root` decides per matrix whether that is precise
-        enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
+    def factor_gram(self, x):
+        """In x's dtype on CPU: `fast_polar.polar_root` decides per matrix whether that is
+        precise enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
         kernels' path): tasks that share directions make x ill-conditioned (cond(x^T x)
         ~ 1e8 on these zoos' square sides), and an fp32 Gram loses that."""
         if x.is_cuda:
-            return self.gram(x.double(), block)
-        return polar.gram_sym(x)
+            return self.gram(x.double())
+        return fast_polar.gram_sym(x)
 
-    def orthogonalize(self, x, how="procrustes", block=None, g=None):
-        return x @ self.orthogonal_root(x, how, block, g)
+    def polar(self, x, how="procrustes", g=None):
+        return x @ self.polar_root(x, how, g)
 
-    def orthogonal_root(self, x, how="procrustes", block=None, g=None):
+    def polar_root(self, x, how="procrustes", g=None):
         """Procrustes as the polar factor through the small side: R = (x^T x)^(-1/2) from the
         K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
         directions dropped as in `primitives.polar`). `whiten`: the paper's clamp, on an
         fp64 Gram."""
         if how == "whiten":
-            g = g if g is not None and g.dtype == torch.float64 else polar.gram_sym(x.double())
+            g = g if g is not None and g.dtype == torch.float64 else fast_polar.gram_sym(x.double())
             return P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         if how != "procrustes":
             raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
-        g = self.factor_gram(x, block) if g is None else g
-        return polar.polar_root(x, g, eigh=self.sym_eigh)
+        return fast_polar.polar_root(x, self.factor_gram(x) if g is None else g, eigh=self.sym_eigh)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):

@@ -28,14 +28,13 @@ def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procr
     if svd is None:
         svd = backend.task_svd(tau, None, k)
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
-    kk = svd.s.shape[-1]
-    gu, gv = backend.factor_gram(u, kk), backend.factor_gram(v, kk)   # shared by STI and orthogonalisation
+    gu, gv = backend.factor_gram(u), backend.factor_gram(v)   # shared by STI and orthogonalisation
     stats = {"energy": svd.energy}
     if report_sti:
         stats["sti"] = sti(gu, s, gv)
-    ru, rv = backend.orthogonal_root(u, orthogonalize, kk, gu), backend.orthogonal_root(v, orthogonalize, kk, gv)
+    ru, rv = backend.polar_root(u, orthogonalize, gu), backend.polar_root(v, orthogonalize, gv)
     if ru is None:
-        return LowRank(backend.orthogonalize(u, orthogonalize, kk, gu), s, backend.orthogonalize(v, orthogonalize, kk, gv)), stats
+        return LowRank(backend.polar(u, orthogonalize, gu), s, backend.polar(v, orthogonalize, gv)), stats
     return folded_update(u, ru, s, rv, v), stats
 
 

@@ -24,6 +24,7 @@ from tsvmerge.backends.triton import TritonBackend  # noqa: E402
 from tsvmerge.kernels.triton import delta_sketch as D  # noqa: E402
 from tsvmerge.kernels.triton import gram as G  # noqa: E402
 from tsvmerge.kernels.triton import lowrank_apply as LA  # noqa: E402
+from tsvmerge.report import format_merge_report  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16, torch.float16)]
@@ -240,6 +241,30 @@ def test_backend_records_declined_inputs(seed):
     torch.testing.assert_close(out, P.lowrank_apply(b0, u, s, v, 1.0, torch.float64))
     assert backend.describe()["fallbacks"] == {"delta_matmul": {"dtype float64": 2},
                                                "lowrank_apply": {"out_dtype float64": 1}}
+    summary = {"tensors": 0, "spectral": 0, "mean": 0, "copy": 0, "wall_s": 0.0, "fallbacks": []}
+    text = format_merge_report({"tensors": {}, "summary": summary, "backend": backend.describe()})
+    assert "note: triton kernel declined delta_matmul (dtype float64) 2x: ran in torch" in text.splitlines()
+
+
+@pytest.mark.parametrize("compute_dtype, declined", [("float32", set()), ("float64", {"dtype float64"})])
+def test_merge_report_names_what_fell_back(compute_dtype, declined, seed, monkeypatch, tmp_path):
+    """A merge on the triton backend (the interpreter stands in for the GPU) reports what its
+    kernels declined: none in fp32; in fp64 every product with the task matrices."""
+    import json
+
+    import tsvmerge
+    import tsvmerge.backends
+
+    from conftest import random_zoo
+
+    monkeypatch.setattr(tsvmerge.backends, "available", lambda name, device: True)
+    base, tasks = random_zoo(seed % 1000, 3, {"blocks.0.w": (40, 24), "blocks.0.b": (24,)})
+    tsvmerge.merge(base, tasks, backend="triton", device=DEVICE, compute_dtype=compute_dtype,
+                   report=str(tmp_path / "r.json"), progress=False)
+    fallbacks = json.loads((tmp_path / "r.json").read_text())["backend"]["fallbacks"]
+    assert {why for reasons in fallbacks.values() for why in reasons} == declined
+    if declined:
+        assert {"sketch", "delta_matmul", "delta_matmul_t"} <= set(fallbacks)
 
 
 # -- GPU code path, compiled without a GPU ---------------------------------------------------

@@ -1,9 +1,10 @@
 """Triton kernels against their torch references in tsvmerge.primitives (Liger-Kernel style).
 
 Without a CUDA device the kernels run in Triton's interpreter on CPU tensors. Every kernel
-loads bf16/fp16 tiles and upcasts them in registers, so all dots are fp32 and the
+loads bf16/fp16 tiles and upcasts them in registers, so all dots are fp32 (fp64 for fp64 Grams) and the
 interpreter (numpy, no bf16 arithmetic) needs no fp32 fallback in the test path.
 """
+import json
 import os
 import subprocess
 import sys
@@ -18,6 +19,9 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 import triton  # noqa: E402
 
+import tsvmerge  # noqa: E402
+import tsvmerge.backends  # noqa: E402
+from conftest import random_zoo  # noqa: E402
 from tsvmerge import primitives as P  # noqa: E402
 from tsvmerge.backends.randomized import TorchBackend  # noqa: E402
 from tsvmerge.backends.triton import TritonBackend  # noqa: E402
@@ -247,13 +251,6 @@ def test_backend_records_declined_inputs(seed):
 def test_merge_report_names_what_fell_back(compute_dtype, declined, seed, monkeypatch, tmp_path):
     """A merge on the triton backend (the interpreter stands in for the GPU) reports what its
     kernels declined: none in fp32; in fp64 every product with the task matrices."""
-    import json
-
-    import tsvmerge
-    import tsvmerge.backends
-
-    from conftest import random_zoo
-
     monkeypatch.setattr(tsvmerge.backends, "available", lambda name, device: True)
     base, tasks = random_zoo(seed % 1000, 3, {"blocks.0.w": (40, 24), "blocks.0.b": (24,)})
     tsvmerge.merge(base, tasks, backend="triton", device=DEVICE, compute_dtype=compute_dtype,

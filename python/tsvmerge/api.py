@@ -211,7 +211,8 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
                             progress=progress)
         return {**meta, **({} if carried is None else {"carried": carried}), "warnings": warned,
-                "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
+                "backend": be.describe(), "tensors": entries,
+                "summary": _summary(entries, time.perf_counter() - start)}
 
     if out_t is None:
         merged = {}

@@ -22,6 +22,9 @@ def format_merge_report(rep: dict) -> str:
                  f"backend {rep['backend']['backend']} on {rep['backend']['device']}; {s['wall_s']:.2f} s")
     for name in s["fallbacks"]:
         lines.append(f"note: {name}: {rep['tensors'][name]['note']}")
+    for primitive, reasons in rep["backend"].get("fallbacks", {}).items():
+        for why, calls in reasons.items():
+            lines.append(f"note: {rep['backend']['backend']} kernel declined {primitive} ({why}) {calls}x: ran in torch")
     return "\n".join(lines)
 
 

@@ -45,7 +45,7 @@ def interference(base, finetuned, *, exclude=(), preset: str | None = None, back
     for loaded in iter_batches(plan, be, [b for b in plan.batches if b.path == SPECTRAL], "interference", progress):
         f = concatenated_factors(loaded.tau, loaded.batch.k, be, loaded.svd)
         before = sti(f.gu, f.s, f.gv)
-        uo, vo = (be.orthogonalize(x, orthogonalize, f.k, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
+        uo, vo = (be.polar(x, orthogonalize, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
         after = sti(be.factor_gram(uo), f.s, be.factor_gram(vo))
         overlap_u, overlap_v = (pair_overlap(g, T, f.k) for g in (f.gu, f.gv))
         for l, name in enumerate(loaded.batch.names):

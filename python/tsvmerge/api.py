@@ -10,15 +10,17 @@ import time
 import torch
 
 from . import __version__
-from .backends import backend_class
+from .backends import BACKENDS, available, backend_class
 from .engine import run_merge
-from .io import CompressedTask, InputError, TensorInfo, atomic_file, model_writer, open_checkpoint
+from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
+                 model_writer, open_checkpoint, save_json, write_json)
 from .io.lora import LoraAdapter, is_adapter, lora_layouts
 from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io.names import align_names
 from .methods import get_method
-from .options import resolve, split
+from .warn import warn
+from .options import checked, finite_float, positive_int, resolve, split
 from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
 
 PRESETS = {"clip": CLIP_PRESET}
@@ -38,18 +40,22 @@ def parse_dtype(d) -> torch.dtype | None:
     return out
 
 
+def task_list(finetuned) -> list:
+    if isinstance(finetuned, (str, os.PathLike, dict)):
+        raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
+    return list(finetuned)
+
+
 def open_inputs(base, finetuned, trust_pickle: bool = False):
     """The base and the task checkpoints, opened lazily, the tasks under the base's names
     (`io.names`); PEFT LoRA adapter folders read as task vectors of the base (`io.lora`); TSV-C
     tasks checked against the base."""
-    if isinstance(finetuned, (str, os.PathLike, dict)):
-        raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
     if is_adapter(base):
         raise InputError(os.fspath(base), None, "is a PEFT adapter, not a base model: pass the model it was "
                          "trained on as the base, and the adapter as a task")
     base = open_checkpoint(base, trust_pickle)
     tasks = [LoraAdapter(f, base, trust_pickle) if is_adapter(f) else align_names(open_checkpoint(f, trust_pickle), base)
-             for f in finetuned]
+             for f in task_list(finetuned)]
     if isinstance(base, CompressedTask):
         raise InputError(base.source, None, "is a TSV-C file (a compressed task vector), not a base model: "
                          "pass the base checkpoint it was made from")
@@ -60,6 +66,30 @@ def open_inputs(base, finetuned, trust_pickle: bool = False):
     return base, tasks
 
 
+def input_warnings(base: Checkpoint, tasks: list, *, single: str | None = None) -> list[str]:
+    """What a user should know about the task list, by fingerprint (a few bytes per tensor,
+    computed for the report anyway): a task that is the base or equals it, a task given twice,
+    and `single` where only one task is given. Each is warned, and returned for the report."""
+    found = [single] if single and len(tasks) == 1 else []
+    base_fp, base_path = base.fingerprint(), _real(base.source)
+    first = {}
+    for i, task in enumerate(tasks):
+        label, fp = f"task {i + 1} ({task.source})", task.fingerprint()
+        if fp == base_fp:
+            what = "is the base itself" if _real(task.source) == base_path else "is identical to the base"
+            found.append(f"{label} {what} (same fingerprint): its task vector is zero")
+        if fp in first:
+            found.append(f"{label} is the same model as {first[fp]} (same fingerprint): it counts twice")
+        first.setdefault(fp, label)
+    for message in found:
+        warn(message)
+    return found
+
+
+def _real(source) -> str | None:
+    return os.path.realpath(source) if isinstance(source, str) and os.path.exists(source) else None
+
+
 def exclusions(exclude, preset) -> tuple:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -68,9 +98,49 @@ def exclusions(exclude, preset) -> tuple:
     return tuple(exclude) + (PRESETS[preset] if preset else ())
 
 
+def check_device(device) -> torch.device:
+    """The device, or a ValueError that says how to get it: checked before any planning."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (examples: cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is built without CUDA: install a "
+                             "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
+        count = torch.cuda.device_count()
+        if not count:
+            raise ValueError(f"device {device!r}: torch sees no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES) "
+                             "or use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: MPS is not available in this torch on this machine: use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"device {device!r}: tsvmerge runs on cpu, cuda or mps")
+    return dev
+
+
+def checked_backend(name: str, device):
+    """The backend class for `name` on `device`, or a ValueError that says how to get it."""
+    dev = check_device(device)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != "auto" and not available(name, dev):
+        if dev.type != "cuda":
+            raise ValueError(f"backend {name!r} runs on CUDA GPUs: pass --device cuda, or use --backend torch or "
+                             f"reference on {dev.type}")
+        if name == "triton":
+            raise ValueError("backend 'triton' needs the triton package: pip install triton")
+        raise ValueError("backend 'cuda' needs tsvmerge's CUDA extension (built when CMake finds a CUDA compiler) "
+                         "or CuPy to compile the kernels at run time: pip install 'tsvmerge[gpu]'")
+    return backend_class(name, dev)
+
+
 def make_backend(name, device, compute_dtype, seed, options: dict):
     """The backend, with `options` checked against what it declares."""
-    cls = backend_class(name, device)
+    cls = checked_backend(name, device)
     return cls(device=torch.device(device), compute_dtype=parse_dtype(compute_dtype) or torch.float32,
                seed=seed, **options)
 
@@ -78,7 +148,7 @@ def make_backend(name, device, compute_dtype, seed, options: dict):
 def split_options(options: dict, method, backend_name: str, device) -> tuple[dict, dict]:
     """(method options resolved to their declared defaults, backend options as given); a name
     neither declares raises TypeError naming what both take."""
-    backend_options = backend_class(backend_name, device).OPTIONS
+    backend_options = checked_backend(backend_name, device).OPTIONS
     for_method, for_backend, unknown = split(options, method.options, backend_options)
     if unknown:
         takes = sorted(o.name for o in method.options + backend_options)
@@ -87,16 +157,19 @@ def split_options(options: dict, method, backend_name: str, device) -> tuple[dic
     return resolve(method.options, for_method, f"method {method.name!r}"), for_backend
 
 
+def claim_distinct(*outputs: Output | None) -> None:
+    """Two outputs of one run may not be one path, nor one inside the other."""
+    outs = [o for o in outputs if o is not None]
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            if a.path == b.path or a.path.startswith(b.path + os.sep) or b.path.startswith(a.path + os.sep):
+                raise OutputError(b.path, f"is also an output of this run ({a.path}): choose separate paths")
+
+
 def describe_inputs(checkpoints) -> list[dict]:
     """The report's record of each input: where it came from, its fingerprint, how it was read."""
     return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {}),
              **({"touches": c.touches} if isinstance(c, LoraAdapter) else {})} for c in checkpoints]
-
-
-def write_json(path, obj):
-    with atomic_file(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
 
 
 def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(), preset: str | None = None,
@@ -107,57 +180,72 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
-    (TSV-C files from `compress` and PEFT LoRA adapter folders are accepted too). Without
-    `out`, returns a dict of merged tensors with the base's dtypes and names; with `out`, writes
-    a model folder atomically and returns the report (a base folder's config and tokenizer files
-    are carried over: `io.model_files`); with `output_format="peft"` as well, the merged update
-    as a PEFT LoRA adapter folder instead (`io.lora_writer`; method tsv, and only matrices on
-    the spectral path may change). `report=FILE` also writes the JSON report there. `trust_pickle`
-    lets `.pt/.bin` files that hold whole pickled modules be unpickled (it can run code).
-    `options` are the method's and the backend's (`tsvmerge.METHODS[name].options`,
-    `backend.OPTIONS`).
+    (TSV-C files from `compress` and PEFT LoRA adapter folders are accepted too). Without `out`,
+    returns a dict of merged tensors with the base's dtypes and names; with `out`, writes a model
+    folder and returns the report (a base folder's config and tokenizer files are carried over:
+    `io.model_files`); with `output_format="peft"` as well, the merged update as a PEFT LoRA
+    adapter folder instead (`io.lora_writer`; method tsv, and only matrices on the spectral path
+    may change). `report=FILE` also writes the JSON report there. Outputs are published
+    whole at the end (`io.publish`): an existing one is replaced only with `overwrite=True`,
+    and never an input. `trust_pickle` lets `.pt/.bin` files that hold whole pickled modules be
+    unpickled (it can run code). `options` are the method's and the backend's
+    (`tsvmerge.METHODS[name].options`, `backend.OPTIONS`).
     """
     start = time.perf_counter()
+    finetuned = task_list(finetuned)
+    alpha = checked("alpha", finite_float, alpha)
     m = get_method(method)
     adapter_out = _adapter_output(output_format, out, m)
     method_options, backend_options = split_options(options, m, backend, device)
     be = make_backend(backend, device, compute_dtype, seed, backend_options)
+    shard_size = checked("shard_size", positive_int, shard_size)
+    batch_bytes = checked("batch_bytes", positive_int, batch_bytes)
+    out_dtype = parse_dtype(out_dtype)
+    inputs = input_paths([base, *finetuned])
+    out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
+    report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
+    claim_distinct(out_t, report_t)
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
     rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
     plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
-    out_dtype = parse_dtype(out_dtype)
     infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
              for n, p in plan.tensors.items()}
     meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
+    warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
+                           "(times alpha) to the base, there is nothing to merge it with")
 
     def run(write, carried=None, adapter=None):
         entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
                             progress=progress, updates=adapter is not None)
-        rep = {**meta, **({} if carried is None else {"carried": carried}),
-               **({} if adapter is None else {"adapter": adapter.summary()}), "tensors": entries,
-               "summary": _summary(entries, time.perf_counter() - start)}
-        if report:
-            write_json(report, rep)
-        return rep
+        return {**meta, **({} if carried is None else {"carried": carried}),
+                **({} if adapter is None else {"adapter": adapter.summary()}), "warnings": warned,
+                "backend": be.describe(), "tensors": entries,
+                "summary": _summary(entries, time.perf_counter() - start)}
 
-    if out is None:
+    if out_t is None:
         merged = {}
-        run(merged.__setitem__)
+        rep = run(merged.__setitem__)
+        if report_t:
+            save_json(report_t, rep)
         return merged
     if adapter_out:
         plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
-        with adapter_writer(out, lora_layouts(tasks), _path_of(base), overwrite=overwrite) as writer:
+        with adapter_writer(out_t, lora_layouts(tasks), _path_of(base), also=(report_t,)) as writer:
             rep = run(lambda name, update: writer.write(name, update, infos[name].dtype), adapter=writer)
             write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+            if report_t:
+                write_json(writer.also[0], rep)
         return rep
-    with model_writer(out, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
-                      overwrite=overwrite) as writer:
+    with model_writer(out_t, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
+                      also=(report_t,)) as writer:
         rep = run(writer.write, carry_model_files(base, writer.folder))
         write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+        if report_t:
+            write_json(writer.also[0], rep)
     return rep
 
 

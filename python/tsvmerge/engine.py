@@ -6,6 +6,7 @@ the whole zoo: see `plan.plan_groups` for the batch budget.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -199,10 +200,45 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     else:
         merged = loaded.base + alpha * update
         outputs = [merged[l].to(dtypes[l]).cpu() for l in range(len(dtypes))]
-    if not all(_all_finite(o) for o in outputs):
-        raise FloatingPointError(f"non-finite merged values in {batch.names[0]} (and its batch): "
-                                 "please report this with the inputs' shapes")
+    for l, o in enumerate(outputs):
+        if not _all_finite(o):
+            raise _non_finite(loaded, l, method, backend, alpha, options, dtypes[l], plan)
     return outputs, stats
+
+
+def _non_finite(loaded: Loaded, l: int, method, backend, alpha, options, dtype, plan) -> Exception:
+    """Why output `l` of a batch is not finite (the inputs are: `load_batch` checks them). The
+    tensor is merged again exactly, in fp64 on the reference backend: values beyond the range
+    of the output or compute dtype are the inputs' doing (a clear error that says what to do);
+    anything else is a fault of the engine."""
+    from .backends import backend_class
+    name = loaded.batch.names[l]
+    ref = backend_class("reference", "cpu")(device="cpu", compute_dtype=torch.float64)
+    one = Loaded(Batch(loaded.batch.path, loaded.batch.shape, [name], loaded.batch.k), loaded.base[l:l + 1].cpu().double(),
+                 None if loaded.tau is None else loaded.tau[l:l + 1].cpu().double(),
+                 None if loaded.factored is None else
+                 {t: tuple(x[l:l + 1].cpu().double() for x in f) for t, f in loaded.factored.items()})
+    if one.tau is None and one.factored is None:
+        return FloatingPointError(f"non-finite merged values in {name}: please report this with the inputs' shapes")
+    base = one.base
+    update, _ = _method_update(one, method, ref, options)
+    if isinstance(update, LowRank):
+        exact = ref.lowrank_apply(base, update.u, update.s, update.v, alpha, torch.float64)
+    else:
+        exact = base + alpha * update
+    peak = float(exact.abs().max()) if bool(torch.isfinite(exact).all()) else math.inf
+    if not math.isfinite(peak):
+        return InputError(plan.base.source, name, "the merged values overflow even in float64: the task vectors or "
+                          "alpha are too large")
+    for what, d, flag in (("output", dtype, "--out-dtype"), ("compute", backend.compute_dtype, "--dtype")):
+        reach = max(peak, abs(alpha)) if what == "compute" else peak
+        if reach > torch.finfo(d).max:
+            fix = f"use {flag} float32 or a smaller alpha" if d.itemsize < 4 else "use a smaller alpha"
+            dtype_name = str(d).replace("torch.", "")
+            return InputError(plan.base.source, name, f"the merged values (or alpha) reach {reach:.3g}, beyond the "
+                              f"range of the {what} dtype {dtype_name} (max {torch.finfo(d).max:.3g}): {fix}")
+    return FloatingPointError(f"non-finite merged values in {name} on backend {backend.name}, finite when merged "
+                              "exactly: please report this with the inputs' shapes")
 
 
 def _updates(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):

@@ -86,6 +86,12 @@ def optional(parse: Callable) -> Callable:
     return parse_optional
 
 
+def checked(name: str, parse: Callable, value):
+    """`value` parsed by `parse`, or a ValueError that names the argument (for arguments that
+    are not a method's or a backend's option: alpha, shard_size)."""
+    return Option(name, parse, None, "").value(value)
+
+
 def resolve(declared: tuple[Option, ...], given: dict, owner: str) -> dict:
     """Every declared option's value: given ones parsed and checked, the rest at their defaults."""
     names = {o.name for o in declared}

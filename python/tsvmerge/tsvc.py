@@ -11,9 +11,10 @@ import os
 import torch
 
 from . import __version__
-from .api import DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, _path_of, exclusions, make_backend, open_inputs, parse_dtype
+from .api import DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, _path_of, exclusions, input_warnings, make_backend, \
+    open_inputs, parse_dtype
 from .engine import iter_batches
-from .io import CompressedTask, InputError, TensorInfo, file_writer, model_writer
+from .io import CompressedTask, InputError, Output, TensorInfo, claim, file_writer, input_paths, model_writer
 from .io.checkpoint import Checkpoint, DictCheckpoint
 from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
@@ -45,24 +46,45 @@ def stored_rank(shape, rank) -> tuple[int, str]:
     return (k, "") if saves_space(shape, k) else (0, f"rank {k} would not save space: stored dense")
 
 
-def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str | None = None,
-             backend: str = "reference", device: str = "cpu", compute_dtype="float32", seed: int = 0,
-             batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, trust_pickle: bool = False,
-             **options):
+def compressed_path(out, task) -> str:
+    """Where `compress` writes: `out`, or where `out` is a folder (one that exists, or a path
+    ending in a separator, made if missing) a file in it named after the task, as `cp` does:
+    DIR/NAME.tsvc.safetensors."""
+    text = os.fspath(out)
+    if not (text.endswith(("/", os.sep)) or os.path.isdir(text)):
+        return text
+    name = os.path.basename(os.path.normpath(os.fspath(task))) if isinstance(task, (str, os.PathLike)) else "task"
+    for ext in (".safetensors", ".pt", ".pth", ".bin", ".ckpt"):
+        if name.endswith(ext) and len(name) > len(ext):
+            name = name[: -len(ext)]
+            break
+    return os.path.join(text, name + ".tsvc.safetensors")
+
+
+def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False, exclude=(),
+             preset: str | None = None, backend: str = "reference", device: str = "cpu", compute_dtype="float32",
+             seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None,
+             trust_pickle: bool = False, **options):
     """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
 
-    With `out` (a .safetensors path) writes the file atomically and returns its report;
-    without, returns an in-memory `CompressedTask` (usable wherever a task is accepted).
-    Tensors where a factorisation would not save space are stored dense.
+    With `out` (a .safetensors path, or a folder: see `compressed_path`) writes the file and
+    returns its report (`report["out"]` is the file); without, returns an in-memory
+    `CompressedTask` (usable wherever a task is accepted). Tensors where a factorisation
+    would not save space are stored dense.
     """
     compression_rank((1 << 62, 1 << 62), rank)          # a bad rank fails before any work
     be = make_backend(backend, device, compute_dtype, seed, options)
+    target = None
+    if out is not None:
+        target = claim(compressed_path(out, finetuned_one), folder=False, overwrite=overwrite,
+                       inputs=input_paths([base, finetuned_one]))
     base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
     if isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
     if task.is_delta:
         raise InputError(task.source, None, "is a LoRA adapter, a task vector stored low-rank already: merge it "
                          "as it is, or compress a model it was merged into")
+    warned = input_warnings(base_ckpt, [task])
     plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
                       exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
     stored = task.infos()
@@ -74,7 +96,7 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str
     def run(write):
         for loaded in iter_batches(plan, be, plan.batches, "compress", progress):
             _compress_batch(loaded, plan, be, task, write, entries)
-        return _compress_report(entries, meta)
+        return {**_compress_report(entries, meta), "warnings": warned}
 
     if out is None:
         tensors = {}
@@ -82,8 +104,9 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str
         result = CompressedTask(DictCheckpoint(tensors, source="<compressed>"), meta)
         result.report = report
         return result
-    with file_writer(out, layout, meta) as writer:
-        return run(writer.write)
+    with file_writer(target, layout, meta) as writer:
+        report = run(writer.write)
+    return {**report, "out": target.path}
 
 
 def _compress_batch(loaded, plan, be, task, write, entries):
@@ -127,19 +150,22 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
                progress: bool | None = None, batch_bytes: int = DEFAULT_BATCH_BYTES, trust_pickle: bool = False,
                output_format: str = "model"):
     """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back;
-    non-floating tensors as the fine-tune stored them). With `out`, a model folder, with a base
-    folder's config and tokenizer files carried over (`io.model_files`); with
-    `output_format="peft"` as well, the task as a PEFT LoRA adapter folder (`to_adapter`)."""
+    non-floating tensors as the fine-tune stored them). With `out`, writes a model folder, with
+    a base folder's config and tokenizer files carried over (`io.model_files`), replacing an
+    existing one only with `overwrite=True`; with `output_format="peft"` as well, the task as a
+    PEFT LoRA adapter folder (`to_adapter`)."""
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     if output_format == "peft" and out is None:
         raise ValueError("output format peft writes an adapter folder: pass out (-o)")
+    target = None
+    if out is not None:
+        target = claim(out, folder=True, overwrite=overwrite, inputs=input_paths([base, compressed]))
     base_ckpt, (task,) = open_inputs(base, [compressed], trust_pickle)
     if not isinstance(task, CompressedTask):
         raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
     if output_format == "peft":
-        return to_adapter(task, base_ckpt, out, out_dtype=parse_dtype(out_dtype), overwrite=overwrite,
-                          base_model=_path_of(base))
+        return to_adapter(task, base_ckpt, target, out_dtype=parse_dtype(out_dtype), base_model=_path_of(base))
     plan = plan_merge(base_ckpt, [task], batch_bytes=batch_bytes)
     out_dtype = parse_dtype(out_dtype)
     stored = task.infos()
@@ -161,23 +187,23 @@ def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = 
         tensors = {}
         run(tensors.__setitem__)
         return tensors
-    with model_writer(out, infos, {"format": "pt", "tsvmerge": "decompressed"}, shard_size=DEFAULT_SHARD_SIZE,
-                      overwrite=overwrite) as writer:
+    with model_writer(target, infos, {"format": "pt", "tsvmerge": "decompressed"},
+                      shard_size=DEFAULT_SHARD_SIZE) as writer:
         carried = carry_model_files(base, writer.folder)
         run(writer.write)
-    return {"out": os.path.abspath(out), "tensors": len(infos), "carried": carried}
+    return {"out": target.path, "tensors": len(infos), "carried": carried}
 
 
-def to_adapter(task: CompressedTask, base: Checkpoint, out: str, *, out_dtype=None, overwrite: bool = False,
+def to_adapter(task: CompressedTask, base: Checkpoint, target: Output, *, out_dtype=None,
                base_model: str | None = None) -> dict:
     """A TSV-C task as a PEFT LoRA adapter folder: each factored tensor a LoRA (`io.lora_writer`,
     layers taken as nn.Linear); every other floating tensor must equal the base's, or the task
     cannot be a LoRA and nothing is written."""
     infos = base.infos()
     names = sorted((n for n, i in infos.items() if i.dtype.is_floating_point), key=lambda n: n in task.shapes)
-    with adapter_writer(out, {}, base_model, overwrite=overwrite) as writer:
+    with adapter_writer(target, {}, base_model) as writer:
         for name in names:  # the dense ones first: a refusal comes before any work
             factors = task.factors(name)
             writer.write(name, task.read(name) if factors is None else factors, out_dtype or infos[name].dtype)
             task.release()
-    return {"out": os.path.abspath(out), "tensors": len(writer.ranks), "adapter": writer.summary()}
+    return {"out": target.path, "tensors": len(writer.ranks), "adapter": writer.summary()}

@@ -11,9 +11,13 @@ import functools
 import torch
 
 from .. import primitives as P
+from . import fast_polar, lapack
 from ..options import Option, boolean, non_negative_int
 from .base import Backend, TaskSVD
 from .reference import exact_task_svd
+
+
+_serial_cholesky_r_inv = lapack.serially(P.cholesky_r_inv)
 
 
 class TorchBackend(Backend):
@@ -51,32 +55,31 @@ class TorchBackend(Backend):
         return P.delta_matmul_t(finetuned, base, y)
 
     def orthonormalize(self, y, passes=2):
-        return P.orthonormalize(y, passes)
+        return P.orthonormalize(y, passes, r_inv=_serial_cholesky_r_inv)
 
-    def factor_gram(self, x, block=None):
-        """In x's dtype on CPU: `polar_root` decides per matrix whether that is precise
-        enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
+    def factor_gram(self, x):
+        """In x's dtype on CPU: `fast_polar.polar_root` decides per matrix whether that is
+        precise enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
         kernels' path): tasks that share directions make x ill-conditioned (cond(x^T x)
         ~ 1e8 on these zoos' square sides), and an fp32 Gram loses that."""
         if x.is_cuda:
-            return self.gram(x.double(), block)
-        return P.gram_sym(x)
+            return self.gram(x.double())
+        return fast_polar.gram_sym(x)
 
-    def orthogonalize(self, x, how="procrustes", block=None, g=None):
-        return x @ self.orthogonal_root(x, how, block, g)
+    def polar(self, x, how="procrustes", g=None):
+        return x @ self.polar_root(x, how, g)
 
-    def orthogonal_root(self, x, how="procrustes", block=None, g=None):
+    def polar_root(self, x, how="procrustes", g=None):
         """Procrustes as the polar factor through the small side: R = (x^T x)^(-1/2) from the
         K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
         directions dropped as in `primitives.polar`). `whiten`: the paper's clamp, on an
         fp64 Gram."""
         if how == "whiten":
-            g = g if g is not None and g.dtype == torch.float64 else P.gram_sym(x.double())
+            g = g if g is not None and g.dtype == torch.float64 else fast_polar.gram_sym(x.double())
             return P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         if how != "procrustes":
             raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
-        g = self.factor_gram(x, block) if g is None else g
-        return P.polar_root(x, g, eigh=self.sym_eigh)
+        return fast_polar.polar_root(x, self.factor_gram(x) if g is None else g, eigh=self.sym_eigh)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):
@@ -142,7 +145,7 @@ class TorchBackend(Backend):
             # are not orthogonal to Q (seen on 1 in 150 T = 1 zoos, where Q spans all)
             floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
             y = _project_out(_project_out(y, qs), qs)                      # block Gram-Schmidt, twice
-            q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
+            q = P.range_basis(P.range_basis(y, floor, eigh=self.sym_eigh), eigh=self.sym_eigh)  # converged -> zero columns
             qs.append(q)
             bt, residual = _backward_with_residual(bwd, q, qs, tx)
             bts.append(bt)

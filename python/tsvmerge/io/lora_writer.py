@@ -5,7 +5,7 @@ thin QRs of the factors, `lowrank`; rank 0: not a target): for an nn.Linear weig
 B = U diag(s) and A = V^T; for Conv1D (fan_in_fan_out) and embedding weights, whose update is
 (B A)^T, A = (U diag(s))^T and B = V. `lora_alpha` equals each module's rank (`alpha_pattern`
 beside `rank_pattern`), so PEFT's scale is 1. Anything else that changes cannot be a LoRA and is
-refused, naming the tensor; nothing is written then (`atomic_folder`).
+refused, naming the tensor; nothing is published then (`io.publish`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ..lowrank import rank_tolerance, svd_of_product
 from .lora import CONFIG_NAME, PEFT_PREFIX, module_rank_alpha
-from .output import atomic_folder
+from .publish import Output, publishing
 from .safetensors import save_file
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,10 +93,13 @@ class AdapterWriter:
 
 
 @contextlib.contextmanager
-def adapter_writer(target: str, layouts: dict[str, str], base_model: str | None = None, overwrite: bool = False):
-    """A PEFT adapter folder published at `target` only when the block succeeds. `layouts` maps
-    weight names to 'linear' (the default), 'conv1d' or 'embedding'."""
-    with atomic_folder(target, overwrite=overwrite) as tmp:
-        writer = AdapterWriter(tmp, layouts, base_model)
+def adapter_writer(target: Output, layouts: dict[str, str], base_model: str | None = None,
+                   also: tuple[Output | None, ...] = ()):
+    """A PEFT adapter folder published at `target` when the block succeeds, together with the
+    outputs `also` (a report file; their temporary paths in `writer.also`), all or none.
+    `layouts` maps weight names to 'linear' (the default), 'conv1d' or 'embedding'."""
+    with publishing(target, *also) as (folder, *others):
+        writer = AdapterWriter(folder, layouts, base_model)
+        writer.also = others
         yield writer
         writer.close()

@@ -45,7 +45,7 @@ def concatenated_factors(tau, k: int, backend, svd=None) -> Concatenated:
     svd = drop_null_directions(svd)
     u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
     k = svd.s.shape[-1]
-    return Concatenated(u, s, v, backend.factor_gram(u, k), backend.factor_gram(v, k), k, svd.energy)
+    return Concatenated(u, s, v, backend.factor_gram(u), backend.factor_gram(v), k, svd.energy)
 
 
 @register("tsv", spectral=True, options=(
@@ -58,9 +58,9 @@ def tsv(base, tau, *, path, k, backend, svd=None, orthogonalize, **_):
         return tau.mean(1), {}
     f = concatenated_factors(tau, k, backend, svd)
     stats = {"energy": f.energy, "sti": sti(f.gu, f.s, f.gv)}
-    ru, rv = (backend.orthogonal_root(x, orthogonalize, f.k, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
+    ru, rv = (backend.polar_root(x, orthogonalize, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
     if ru is None:
-        uo, vo = (backend.orthogonalize(x, orthogonalize, f.k, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
+        uo, vo = (backend.polar(x, orthogonalize, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
         return LowRank(uo, f.s, vo), stats
     return folded_update(f.u, ru, f.s, rv, f.v), stats
 

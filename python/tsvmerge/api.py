@@ -10,7 +10,7 @@ import time
 import torch
 
 from . import __version__
-from .backends import BACKENDS, available, backend_class
+from .backends import backend_class
 from .engine import run_merge
 from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
                  model_writer, open_checkpoint, save_json, write_json)
@@ -98,49 +98,9 @@ def exclusions(exclude, preset) -> tuple:
     return tuple(exclude) + (PRESETS[preset] if preset else ())
 
 
-def check_device(device) -> torch.device:
-    """The device, or a ValueError that says how to get it: checked before any planning."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r} (examples: cpu, cuda, cuda:1)") from None
-    if dev.type == "cuda":
-        if not torch.backends.cuda.is_built():
-            raise ValueError(f"device {device!r}: this torch ({torch.__version__}) is built without CUDA: install a "
-                             "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
-        count = torch.cuda.device_count()
-        if not count:
-            raise ValueError(f"device {device!r}: torch sees no CUDA GPU (check the driver and CUDA_VISIBLE_DEVICES) "
-                             "or use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
-    elif dev.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device!r}: MPS is not available in this torch on this machine: use --device cpu")
-    elif dev.type != "cpu":
-        raise ValueError(f"device {device!r}: tsvmerge runs on cpu, cuda or mps")
-    return dev
-
-
-def checked_backend(name: str, device):
-    """The backend class for `name` on `device`, or a ValueError that says how to get it."""
-    dev = check_device(device)
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name != "auto" and not available(name, dev):
-        if dev.type != "cuda":
-            raise ValueError(f"backend {name!r} runs on CUDA GPUs: pass --device cuda, or use --backend torch or "
-                             f"reference on {dev.type}")
-        if name == "triton":
-            raise ValueError("backend 'triton' needs the triton package: pip install triton")
-        raise ValueError("backend 'cuda' needs tsvmerge's CUDA extension (built when CMake finds a CUDA compiler) "
-                         "or CuPy to compile the kernels at run time: pip install 'tsvmerge[gpu]'")
-    return backend_class(name, dev)
-
-
 def make_backend(name, device, compute_dtype, seed, options: dict):
     """The backend, with `options` checked against what it declares."""
-    cls = checked_backend(name, device)
+    cls = backend_class(name, device)
     return cls(device=torch.device(device), compute_dtype=parse_dtype(compute_dtype) or torch.float32,
                seed=seed, **options)
 
@@ -148,7 +108,7 @@ def make_backend(name, device, compute_dtype, seed, options: dict):
 def split_options(options: dict, method, backend_name: str, device) -> tuple[dict, dict]:
     """(method options resolved to their declared defaults, backend options as given); a name
     neither declares raises TypeError naming what both take."""
-    backend_options = checked_backend(backend_name, device).OPTIONS
+    backend_options = backend_class(backend_name, device).OPTIONS
     for_method, for_backend, unknown = split(options, method.options, backend_options)
     if unknown:
         takes = sorted(o.name for o in method.options + backend_options)

@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if not a.skip_synthetic:
         synthetic_merge(a.workdir, a.zoo_arch, a.zoo_tasks, a.zoo_layers, a.backend, a.device)
     if not a.skip_accuracy:
-        from .accuracy.demo import main as accuracy_main
+        from .accuracy.__main__ import main as accuracy_main
         print("[2/2] accuracy benchmark: a small ViT fine-tuned on real digit tasks")
         return accuracy_main(["--out", os.path.join(a.workdir, "accuracy"), *rest])
     return 0

@@ -19,7 +19,7 @@ from .data import TASKS, load_splits
 from .model import ViTConfig
 from .table import render
 from .train import TrainConfig
-from .zoo import load_or_build
+from .checkpoints import load_or_build
 
 FULL = (ViTConfig(), TrainConfig())
 # The reduced run of the slow test: a tinier model, a few epochs, 3 tasks (sets of 2 and 3), a coarse grid.

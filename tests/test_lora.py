@@ -300,3 +300,17 @@ def test_base_saved_without_the_wrappers_prefix(llama_family, tmp_path):
     want = tsvmerge.merge(base, adapters[:2])
     assert set(got) == set(inner) and max(float((got[k] - want["model." + k]).abs().max()) for k in got) == 0
     assert "names read under the base's: prefix 'model.' taken as ''" in rep["inputs"][1]["notes"]
+
+
+def test_adapter_saved_as_bin(llama_family, tmp_path):
+    """`save_pretrained(..., safe_serialization=False)` writes adapter_model.bin: read the same."""
+    import shutil
+    model, base, adapters = llama_family
+    folder = tmp_path / "bin-adapter"
+    shutil.copytree(adapters[3], folder)
+    tensors = tsvmerge.io.load_file(str(folder / "adapter_model.safetensors"))
+    os.remove(folder / "adapter_model.safetensors")
+    torch.save(tensors, folder / "adapter_model.bin")
+    want = tsvmerge.merge(base, [adapters[0], adapters[3]], backend="reference")
+    got = tsvmerge.merge(base, [adapters[0], str(folder)], backend="reference")
+    assert all(torch.equal(got[k], want[k]) for k in want)

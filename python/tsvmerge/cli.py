@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spectrum", default="powerlaw", choices=["powerlaw", "gapped"])
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("config-dir", help="print the folder of configs shipped for another tool")
+    p.add_argument("tool", choices=["fusion_bench"], help="fusion_bench: its Hydra --config-dir")
+
     # listed for --help; `main` hands everything after `demo` to tsvmerge.demo
     sub.add_parser("demo", help="the built-in example: synthetic zoo merge, then the accuracy benchmark")
     return parser
@@ -200,7 +203,13 @@ def _cmd_zoo(a) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
+def _cmd_config_dir(a) -> int:
+    from .integrations import config_dir
+    print(config_dir(a.tool))
+    return EXIT_OK
+
+
+COMMANDS = {"config-dir": _cmd_config_dir, "merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
             "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
 
 

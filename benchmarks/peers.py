@@ -1,13 +1,13 @@
 """FusionBench's own TSV-M against tsvmerge, side by side in one run.
 
     python benchmarks/peers.py                        # both parts below
-    python benchmarks/peers.py --parts memory --l14-layers 2
+    python benchmarks/peers.py --layers 2 --l14-layers 1   # a shorter run: 2 of ViT-B-32's 12 blocks
 
 memory: one in-memory zoo (tsvmerge.zoo: open_clip names, power-law task spectra) goes to
   FusionBench's `compute_and_sum_svd_mem_reduction` (the function its TaskSingularVectorMerging
   runs, given task vectors as that class forms them) and to `tsvmerge.merge` on the
-  `reference` and `torch` backends: ViT-B-32 x 8, and ViT-L-14 x 20 cut to --l14-layers
-  blocks (the whole zoo, 24 GB, does not fit this machine's memory).
+  `reference` and `torch` backends: ViT-B-32 x 8 (--layers of its 12 blocks), and ViT-L-14 x 20
+  cut to --l14-layers blocks (the whole zoo, 24 GB, does not fit this machine's memory).
 pool: a FusionBench CLIPVisionModelPool of Hugging Face CLIPVisionModel checkpoints on disk
   (the ViT-B/32 vision tower, the same power-law task vectors), merged as FusionBench runs an
   algorithm: its TaskSingularVectorMerging against tsvmerge's TSVMerge. The inputs are evicted
@@ -91,7 +91,7 @@ def run_one(cfg: dict) -> dict:
 
 
 # -- the parent ----------------------------------------------------------------------
-def write_pool(folder: str, tasks: int, seed: int = 0) -> dict:
+def write_pool(folder: str, tasks: int, layers: int, seed: int = 0) -> dict:
     """A base CLIPVisionModel (ViT-B/32 vision tower) and `tasks` fine-tunes, with tsvmerge.zoo's
     power-law task vectors on every tensor (by the tensor's own name and shape)."""
     import torch
@@ -99,7 +99,7 @@ def write_pool(folder: str, tasks: int, seed: int = 0) -> dict:
 
     from tsvmerge.zoo import _task_deltas
     torch.manual_seed(seed)
-    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    model = CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=layers,
                                              num_attention_heads=12, image_size=224, patch_size=32))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     paths = {"_pretrained_": os.path.join(folder, "base")}
@@ -158,6 +158,7 @@ def table(rows: list) -> list:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", nargs="+", default=["memory", "pool"], choices=["memory", "pool"])
+    p.add_argument("--layers", type=int, default=12, help="blocks of the ViT-B-32 x 8 zoo and of the pool (of 12)")
     p.add_argument("--l14-layers", type=int, default=2, help="blocks of the ViT-L-14 x 20 zoo (0: skip it)")
     p.add_argument("--scratch", default=None, help="folder for the on-disk pool and the saved updates")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -174,15 +175,16 @@ def main():
     rows = []
     try:
         if "memory" in args.parts:
-            rows += run_zoo("ViT-B-32 x 8, in memory", {"part": "memory", "arch": "ViT-B-32", "tasks": 8, "layers": None},
-                            IMPLS, scratch)
+            rows += run_zoo(f"ViT-B-32 x 8 ({args.layers} blocks), in memory",
+                            {"part": "memory", "arch": "ViT-B-32", "tasks": 8, "layers": args.layers}, IMPLS, scratch)
             if args.l14_layers:
                 rows += run_zoo(f"ViT-L-14 x 20 ({args.l14_layers} blocks), in memory",
                                 {"part": "memory", "arch": "ViT-L-14", "tasks": 20, "layers": args.l14_layers}, IMPLS, scratch)
         if "pool" in args.parts:
             print("writing the CLIPVisionModel pool ...", flush=True)
-            paths = write_pool(os.path.join(scratch, "pool"), 8)
-            rows += run_zoo("CLIPVisionModel ViT-B/32 x 8 from disk, through FusionBench", {"part": "pool", "pool": paths},
+            paths = write_pool(os.path.join(scratch, "pool"), 8, args.layers)
+            rows += run_zoo(f"CLIPVisionModel ViT-B/32 x 8 ({args.layers} blocks) from disk, through FusionBench",
+                            {"part": "pool", "pool": paths},
                             ("fusion_bench", "torch"), scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

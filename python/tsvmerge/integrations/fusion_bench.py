@@ -101,6 +101,8 @@ class TSVMerge(_PoolAlgorithm):
     """
 
     def __init__(self, alpha: float = 1.0, k=None, orthogonalize: str = "procrustes", **kwargs):
+        if not isinstance(alpha, (int, float)):
+            raise ValueError(f"TSVMerge: alpha must be one number, got {alpha!r} (per-task weights are not supported)")
         self.alpha, self.k, self.orthogonalize = float(alpha), k, orthogonalize
         super().__init__(**kwargs)
 

@@ -106,7 +106,15 @@ def _method_014():
             if not base.is_floating_point():
                 return base
             weight = torch.tensor([[float(self.tensor_parameters[r]["weight"]) for r in refs]])
-            return merge_stack(base[None], [tensors[r][None] for r in refs], weight, **dict(self.parameters.items()))[0]
+            return merge_stack(base[None], [tensors[r][None] for r in refs], weight, **_typed(self.parameters))[0]
+
+    def _typed(parameters) -> dict:
+        """0.1.4's config holds every parameter as a float: restore the ints and the bool."""
+        out = dict(parameters.items())
+        for name in ("k", "power_iters", "oversample", "seed"):
+            out[name] = None if out[name] is None else int(out[name])
+        out["spectral"] = bool(out["spectral"])
+        return out
 
     class TSVMethod(MergeMethod):
         def name(self):

@@ -47,7 +47,7 @@ def merge_memory(cfg: dict, impl: str):
     from tsvmerge.zoo import make_zoo_dicts
     base, finetuned = make_zoo_dicts(cfg["arch"], cfg["tasks"], cfg["layers"])
     rss = rss_gb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if impl == "fusion_bench":
         from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
         task_vectors = []
@@ -58,7 +58,7 @@ def merge_memory(cfg: dict, impl: str):
         merged = {k: base[k] + update[k] for k in base}
     else:
         merged = tsvmerge.merge(base, finetuned, backend=impl, progress=False)
-    return merged, base, rss, time.perf_counter() - start
+    return merged, base, rss, time.perf_counter() - start, time.process_time() - cpu
 
 
 def merge_pool(cfg: dict, impl: str):
@@ -72,22 +72,22 @@ def merge_pool(cfg: dict, impl: str):
     drop_from_page_cache([os.path.join(p, "model.safetensors") for p in paths.values()])
     pool = CLIPVisionModelPool(DictConfig(paths))
     rss = rss_gb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     algorithm = TaskSingularVectorMerging(alpha=1.0) if impl == "fusion_bench" else TSVMerge(backend=impl)
     merged = algorithm.run(pool).state_dict()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     with torch.no_grad():
         base = pool.load_pretrained_model().state_dict()
-    return merged, base, rss, wall
+    return merged, base, rss, wall, cpu
 
 
 def run_one(cfg: dict) -> dict:
     from safetensors.torch import save_file
     impl = cfg["impl"]
-    merged, base, rss, wall = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
+    merged, base, rss, wall, cpu = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
     save_file({k: (merged[k].float() - base[k].float()).contiguous() for k in base if base[k].is_floating_point()},
               cfg["update_file"])
-    return {"wall_s": wall, "rss_before_merge_gb": rss}
+    return {"wall_s": wall, "cpu_s": cpu, "rss_before_merge_gb": rss}
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -138,19 +138,20 @@ def run_zoo(name: str, base_cfg: dict, impls, scratch: str) -> list:
 
 
 def table(rows: list) -> list:
-    lines = ["| zoo | implementation | wall (s) | vs FusionBench | peak RSS (GB) | RSS added by the merge (GB) "
-             "| max / median rel. diff from FusionBench | energy ratio |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| zoo | implementation | wall (s) | CPU (s) | vs FusionBench, wall / CPU | peak RSS (GB) "
+             "| RSS added by the merge (GB) | max / median rel. diff from FusionBench | energy ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fb = {r["zoo"]: r for r in rows if r["impl"] == "fusion_bench" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['zoo']} | {r['impl']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['zoo']} | {r['impl']} | {r['error']} | | | | | | |")
             continue
         ref = fb.get(r["zoo"])
-        speed = f"{ref['wall_s'] / r['wall_s']:.2f}x" if ref else ""
+        speed = f"{ref['wall_s'] / r['wall_s']:.2f}x / {ref['cpu_s'] / r['cpu_s']:.2f}x" if ref else ""
         added = r["peak_rss_gb"] - r["rss_before_merge_gb"]
         diff = f"{r['max_rel_diff']:.2e} / {r['median_rel_diff']:.2e}" if "max_rel_diff" in r else ""
         energy = f"{r['energy_ratio']:.5f}" if "energy_ratio" in r else ""
-        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {speed} | {r['peak_rss_gb']:.2f} "
+        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {speed} | {r['peak_rss_gb']:.2f} "
                      f"| {added:.2f} | {diff} | {energy} |")
     return lines
 

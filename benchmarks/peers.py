@@ -125,12 +125,13 @@ def agreement(update_file: str, reference_file: str) -> dict:
 
 def run_zoo(name: str, base_cfg: dict, impls, scratch: str) -> list:
     rows = []
+    stem = os.path.join(scratch, "".join(c if c.isalnum() else "_" for c in name))   # names hold "/"
     for impl in impls:
-        cfg = {**base_cfg, "impl": impl, "update_file": os.path.join(scratch, f"{name}-{impl}.safetensors")}
+        cfg = {**base_cfg, "impl": impl, "update_file": f"{stem}-{impl}.safetensors"}
         print(f"{name}: {impl} ...", flush=True)
         row = {"zoo": name, "impl": impl, "part": cfg["part"], **spawn(cfg, __file__)}
         if "error" not in row:
-            ref = os.path.join(scratch, f"{name}-fusion_bench.safetensors")
+            ref = f"{stem}-fusion_bench.safetensors"
             row.update(agreement(cfg["update_file"], ref) if os.path.exists(ref) else {})
         print(f"  {json.dumps(row)}", flush=True)
         rows.append(row)

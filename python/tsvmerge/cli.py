@@ -190,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
 
+    p = sub.add_parser("config-dir", help="print the folder of configs shipped for another tool")
+    p.add_argument("tool", choices=["fusion_bench"], help="fusion_bench: its Hydra --config-dir")
+
     # listed for --help; `main` hands everything after `demo` to tsvmerge.demo
     sub.add_parser("demo", help="the built-in example: synthetic zoo merge, then the accuracy benchmark")
     for p in sub.choices.values():
@@ -320,8 +323,14 @@ def _cmd_zoo(a) -> int:
     return EXIT_OK
 
 
+def _cmd_config_dir(a) -> int:
+    from .integrations import config_dir
+    print(config_dir(a.tool))
+    return EXIT_OK
+
+
 COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress, "convert": _cmd_convert,
-            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
+            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo, "config-dir": _cmd_config_dir}
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,12 @@
 """Benchmark the CUDA kernels of tsvmerge.cuda_ops against torch.linalg on one GPU.
 
-Batched symmetric eigh (default 20 tasks x 98 layers = 1960 matrices of 64 x 64, the range
-finder's small problem) against torch.linalg.eigh on the same batch (target: >= 10x on an
-H100), and Cholesky-QR2 of tall-skinny panels against torch.linalg.qr and tsvmerge's torch
-CholQR2. Writes benchmarks/results/cuda_kernels_<device>.json and .md.
+Batched symmetric eigh (default 20 tasks x 98 layers = 1960 matrices of 64 x 64 in fp64, the
+range finder's small problem as the engine sends it) against torch.linalg.eigh on the same batch
+(target: >= 10x on an H100), and Cholesky-QR2 of tall-skinny fp32 panels against
+torch.linalg.qr and tsvmerge's torch CholQR2. Writes benchmarks/results/cuda_kernels_<device>.json
+and .md.
 
-    python benchmarks/bench_cuda.py [--batch 1960] [--n 64] [--m 3072] [--c 64]
+    python benchmarks/bench_cuda.py [--batch 1960] [--n 64] [--eigh-dtype float64] [--m 3072] [--c 64]
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=20 * 98, help="matrices per batch (default 20 x 98)")
     parser.add_argument("--n", type=int, default=64, help="eigh matrix size, <= 128 (default 64)")
+    parser.add_argument("--eigh-dtype", choices=["float64", "float32"], default="float64",
+                        help="eigh precision (default float64, what the engine sends)")
     parser.add_argument("--m", type=int, default=3072, help="CholQR2 panel height (default 3072)")
     parser.add_argument("--c", type=int, default=64, help="CholQR2 panel width, <= 128 (default 64)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs of each fast kernel (median)")
@@ -51,7 +54,7 @@ def median_ms(fn, repeat: int) -> float:
 def bench_eigh(args) -> dict:
     from tsvmerge import cuda_ops
 
-    a = torch.randn(args.batch, args.n, args.n, device="cuda")
+    a = torch.randn(args.batch, args.n, args.n, device="cuda", dtype=getattr(torch, args.eigh_dtype))
     a = a + a.mT
     ours = median_ms(lambda: cuda_ops.batched_eigh(a), args.repeat)
     reference = median_ms(lambda: torch.linalg.eigh(a), args.repeat_torch)
@@ -60,6 +63,7 @@ def bench_eigh(args) -> dict:
     eye = torch.eye(args.n, device="cuda", dtype=torch.float64)
     return {
         "shape": [args.batch, args.n, args.n],
+        "dtype": args.eigh_dtype,
         "cuda_ms": ours,
         "torch_linalg_eigh_ms": reference,
         "speedup": reference / ours,
@@ -73,10 +77,10 @@ def bench_cholqr(args) -> dict:
     from tsvmerge import cuda_ops, primitives
 
     y = torch.randn(args.batch, args.m, args.c, device="cuda")
-    ours = median_ms(lambda: cuda_ops.cholesky_qr2(y), args.repeat)
+    ours = median_ms(lambda: cuda_ops.cholesky_qr(y), args.repeat)
     householder = median_ms(lambda: torch.linalg.qr(y), args.repeat_torch)
     torch_cholqr2 = median_ms(lambda: primitives.orthonormalize(y), args.repeat)
-    q, route = cuda_ops.cholesky_qr2(y)
+    q, route = cuda_ops.cholesky_qr(y)
     eye = torch.eye(args.c, device="cuda", dtype=torch.float64)
     return {
         "shape": [args.batch, args.m, args.c],
@@ -99,7 +103,7 @@ def markdown(result: dict) -> str:
         "",
         "| step | shape | cuda (ms) | torch (ms) | speedup | accuracy |",
         "|---|---|---|---|---|---|",
-        f"| batched eigh | {'x'.join(map(str, e['shape']))} | {e['cuda_ms']:.3f} | "
+        f"| batched eigh ({e['dtype']}) | {'x'.join(map(str, e['shape']))} | {e['cuda_ms']:.3f} | "
         f"{e['torch_linalg_eigh_ms']:.3f} (linalg.eigh) | {e['speedup']:.1f}x (target {e['target_speedup']:.0f}x) | "
         f"eig rel {e['eigenvalue_rel_error']:.1e}, orth {e['orthogonality_error']:.1e} |",
         f"| CholQR2 | {'x'.join(map(str, q['shape']))} | {q['cuda_ms']:.3f} | {q['torch_linalg_qr_ms']:.3f} "

@@ -1,4 +1,6 @@
-"""Micro-benchmarks of the engine primitives on one ViT-B-32 shape group slice.
+"""Micro-benchmarks of the engine primitives on one ViT-B-32 shape group slice: the torch
+references (tsvmerge.primitives) and the torch backend's scheduled and fast routes
+(tsvmerge.backends.lapack, .fast_polar).
 
     pytest benchmarks/bench_primitives.py --benchmark-only
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from tsvmerge import primitives as P
-from tsvmerge.backends import get_backend
+from tsvmerge.backends import fast_polar, get_backend, lapack
 from tsvmerge.zoo import make_zoo_dicts
 
 L, T = 2, 8
@@ -54,7 +56,7 @@ def test_delta_matmul_t(benchmark, group, fused):
 
 
 def test_orthonormalize(benchmark):
-    benchmark(P.orthonormalize, randn(L, T, M, C))
+    benchmark(get_backend("torch").orthonormalize, randn(L, T, M, C))
 
 
 @pytest.mark.parametrize("size", [C, T * K], ids=["sketch-width", "polar-gram"])
@@ -62,7 +64,7 @@ def test_sym_eigh(benchmark, size):
     """fp64 as the engine calls it: B B^T of the range finder (L x T of c x c), and the Grams
     of the concatenated factors (L of Tk x Tk, split over threads)."""
     a = randn(L, T, size, size).double() if size == C else randn(L, size, size).double()
-    benchmark(P.sym_eigh, a @ a.transpose(-1, -2))
+    benchmark(lapack.sym_eigh, a @ a.transpose(-1, -2))
 
 
 @pytest.mark.parametrize("fp64", [False, True], ids=["fp32", "fp64"])
@@ -72,15 +74,15 @@ def test_gram(benchmark, panels, fp64):
 
 def test_gram_sym(benchmark, panels):
     """The fp64 factor Gram from its block triangle: compare with test_gram[fp64]."""
-    benchmark(P.gram_sym, panels.double())
+    benchmark(fast_polar.gram_sym, panels.double())
 
 
 @pytest.mark.parametrize("route", ["fp32", "fp64"])
 def test_polar_root(benchmark, panels, route):
     """(x^T x)^(-1/2) from the factor Gram, as the torch backend orthogonalises: the fp32
     route (a well-conditioned Gram, the tall sides) against the fp64 one (the square sides)."""
-    g = P.gram_sym(panels.double() if route == "fp64" else panels)
-    benchmark(P.polar_root, panels, g)
+    g = fast_polar.gram_sym(panels.double() if route == "fp64" else panels)
+    benchmark(fast_polar.polar_root, panels, g)
 
 
 def test_polar(benchmark, panels):

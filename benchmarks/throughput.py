@@ -114,9 +114,9 @@ def run_one(cfg: dict) -> dict:
     }
 
 
-def spawn(cfg: dict) -> dict:
-    """Run one configuration in a child; add its peak RSS (ru_maxrss of that child alone)."""
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", json.dumps(cfg)],
+def spawn(cfg: dict, script: str = __file__) -> dict:
+    """Run `script --one CFG` in a child; add its peak RSS (ru_maxrss of that child alone)."""
+    child = subprocess.Popen([sys.executable, os.path.abspath(script), "--one", json.dumps(cfg)],
                              stdout=subprocess.PIPE, text=True)
     out = child.stdout.read()
     _, status, usage = os.wait4(child.pid, 0)

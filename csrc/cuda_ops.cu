@@ -1,8 +1,9 @@
-// Launch code for the kernels in kernels/cuda. Tensors cross as device pointers (Python ints),
-// sizes and a cudaStream_t (a Python int, e.g. torch.cuda.current_stream().cuda_stream): no
-// libtorch link. Every array must be contiguous fp32 (status: int32); the wrappers in
-// tsvmerge.cuda_ops guarantee that, and the checks here catch what a pointer can show
-// (null, misaligned, not device memory, devices that differ).
+// Launch code for the kernels in kernels/cuda, with the geometry of launch_geometry.h. Tensors
+// cross as device pointers (Python ints), sizes and a cudaStream_t (a Python int, e.g.
+// torch.cuda.current_stream().cuda_stream): no libtorch link. Every array must be contiguous
+// fp32 (jacobi_eigh: fp32 or fp64; status: int32); the wrappers in tsvmerge.cuda_ops guarantee
+// that, and the checks here catch what a pointer can show (null, misaligned, not device
+// memory, devices that differ).
 #include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 
@@ -15,13 +16,13 @@
 
 #include "cholesky_qr.cuh"
 #include "jacobi_eigh.cuh"
+#include "launch_geometry.h"
 
 namespace py = pybind11;
 
 namespace {
 
 constexpr size_t kDefaultSmemBytes = 48 * 1024;  // more needs the opt-in attribute
-constexpr int kTrsmRows = 128;                   // rows (= threads) per trsm block
 
 void check_cuda(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess) throw std::runtime_error(what + ": " + cudaGetErrorString(err));
@@ -33,13 +34,13 @@ void require(bool ok, const std::string& message) {
 
 using NamedPointer = std::pair<const char*, std::uintptr_t>;
 
-// The device all pointers live on, after checking each one.
-int device_of(const std::string& fn, std::initializer_list<NamedPointer> pointers) {
+// The device all pointers live on, after checking each one (aligned to `align` bytes).
+int device_of(const std::string& fn, std::initializer_list<NamedPointer> pointers, size_t align = alignof(float)) {
   int device = -1;
   for (const auto& [name, ptr] : pointers) {
     const std::string arg = fn + ": " + name;
     require(ptr != 0, arg + " is a null pointer");
-    require(ptr % alignof(float) == 0, arg + " is not 4-byte aligned");
+    require(ptr % align == 0, arg + " is not " + std::to_string(align) + "-byte aligned");
     cudaPointerAttributes attr{};
     const cudaError_t err = cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr));
     if (err != cudaSuccess) {
@@ -92,44 +93,50 @@ void check_sizes(const std::string& fn, int64_t batch, const char* size_name, in
 
 cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
-// Launch geometry; python/tsvmerge/cuda_ops.py computes the same for its CuPy route.
-int eigh_threads(int n) {
-  const int pairs = (n + n % 2) / 2;
-  return std::min(256, 32 * ((pairs * pairs + 31) / 32));
+int max_smem(int device) {
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "max shared memory");
+  return optin;
 }
 
-size_t eigh_smem(int n, int threads) {
-  const size_t big_n = n + n % 2, pairs = big_n / 2;
-  return 8 * (threads + 1 + pairs) + 4 * (4 * pairs + big_n + 2 * big_n * (big_n + 1));
-}
-
-void jacobi_eigh(std::uintptr_t a, std::uintptr_t w, std::uintptr_t v, int64_t batch, int64_t n,
-                 std::uintptr_t stream) {
+void jacobi_eigh(std::uintptr_t a, std::uintptr_t w, std::uintptr_t v, std::uintptr_t v_scratch, int64_t batch,
+                 int64_t n, bool fp64, std::uintptr_t stream) {
   const std::string fn = "jacobi_eigh";
-  check_sizes(fn, batch, "n", n, TSV_EIGH_MAX_N);
+  check_sizes(fn, batch, "n", n, tsvmerge::kEighMaxN);
   if (batch == 0) return;
-  const int device = device_of(fn, {{"a", a}, {"w", w}, {"v", v}});
+  const size_t element = fp64 ? sizeof(double) : sizeof(float);
+  const int device = device_of(fn, {{"a", a}, {"w", w}, {"v", v}}, element);
   DeviceGuard guard(device);
-  const int threads = eigh_threads(static_cast<int>(n));
-  const size_t smem = eigh_smem(static_cast<int>(n), threads);
-  allow_smem(reinterpret_cast<const void*>(tsv_jacobi_eigh_f32), smem, device, fn);
-  tsv_jacobi_eigh_f32<<<static_cast<unsigned>(batch), threads, smem, as_stream(stream)>>>(
-      reinterpret_cast<const float*>(a), reinterpret_cast<float*>(w), reinterpret_cast<float*>(v),
-      static_cast<int>(n));
+  const tsvmerge::Launch launch = tsvmerge::eigh_launch(static_cast<int>(n), static_cast<int>(element),
+                                                        max_smem(device));
+  if (launch.scratch) device_of(fn, {{"v_scratch", v_scratch}}, element);
+  const std::uintptr_t scratch = launch.scratch ? v_scratch : 0;  // null: V in shared memory
+  const void* kernel = fp64 ? reinterpret_cast<const void*>(tsv_jacobi_eigh_f64)
+                            : reinterpret_cast<const void*>(tsv_jacobi_eigh_f32);
+  allow_smem(kernel, launch.smem, device, fn);
+  const auto grid = static_cast<unsigned>(batch);
+  if (fp64) {
+    tsv_jacobi_eigh_f64<<<grid, launch.threads, launch.smem, as_stream(stream)>>>(
+        reinterpret_cast<const double*>(a), reinterpret_cast<double*>(w), reinterpret_cast<double*>(v),
+        reinterpret_cast<double*>(scratch), static_cast<int>(n));
+  } else {
+    tsv_jacobi_eigh_f32<<<grid, launch.threads, launch.smem, as_stream(stream)>>>(
+        reinterpret_cast<const float*>(a), reinterpret_cast<float*>(w), reinterpret_cast<float*>(v),
+        reinterpret_cast<float*>(scratch), static_cast<int>(n));
+  }
   check_cuda(cudaGetLastError(), fn + " launch");
 }
 
 void cholesky(std::uintptr_t g, std::uintptr_t l, std::uintptr_t status, int64_t batch, int64_t c,
               bool allow_shift, std::uintptr_t stream) {
   const std::string fn = "cholesky";
-  check_sizes(fn, batch, "c", c, TSV_CHOLQR_MAX_C);
+  check_sizes(fn, batch, "c", c, tsvmerge::kCholqrMaxC);
   if (batch == 0) return;
   const int device = device_of(fn, {{"g", g}, {"l", l}, {"status", status}});
   DeviceGuard guard(device);
-  const int threads = 32 * ((static_cast<int>(c) + 31) / 32);
-  const size_t smem = 8 * (threads + c + 2) + 4 * c * (c + 1);
-  allow_smem(reinterpret_cast<const void*>(tsv_cholesky_f32), smem, device, fn);
-  tsv_cholesky_f32<<<static_cast<unsigned>(batch), threads, smem, as_stream(stream)>>>(
+  const tsvmerge::Launch launch = tsvmerge::cholesky_launch(static_cast<int>(c));
+  allow_smem(reinterpret_cast<const void*>(tsv_cholesky_f32), launch.smem, device, fn);
+  tsv_cholesky_f32<<<static_cast<unsigned>(batch), launch.threads, launch.smem, as_stream(stream)>>>(
       reinterpret_cast<const float*>(g), reinterpret_cast<float*>(l), reinterpret_cast<int*>(status),
       static_cast<int>(c), allow_shift ? 1 : 0);
   check_cuda(cudaGetLastError(), fn + " launch");
@@ -138,17 +145,17 @@ void cholesky(std::uintptr_t g, std::uintptr_t l, std::uintptr_t status, int64_t
 void trsm_lower_t(std::uintptr_t y, std::uintptr_t l, std::uintptr_t q, int64_t batch, int64_t m, int64_t c,
                   std::uintptr_t stream) {
   const std::string fn = "trsm_lower_t";
-  check_sizes(fn, batch, "c", c, TSV_CHOLQR_MAX_C);
-  const int64_t row_blocks = (m + kTrsmRows - 1) / kTrsmRows;
-  require(m >= 1 && row_blocks <= 65535, fn + ": m must be in [1, " + std::to_string(65535 * kTrsmRows) +
+  check_sizes(fn, batch, "c", c, tsvmerge::kCholqrMaxC);
+  const tsvmerge::Launch launch = tsvmerge::trsm_launch(static_cast<int>(c));
+  const int64_t row_blocks = (m + launch.threads - 1) / launch.threads;
+  require(m >= 1 && row_blocks <= 65535, fn + ": m must be in [1, " + std::to_string(65535 * launch.threads) +
                                              "], got " + std::to_string(m));
   if (batch == 0) return;
   const int device = device_of(fn, {{"y", y}, {"l", l}, {"q", q}});
   DeviceGuard guard(device);
-  const size_t smem = 4 * (c * (c + 1) + c * (kTrsmRows + 1));
-  allow_smem(reinterpret_cast<const void*>(tsv_trsm_lower_t_f32), smem, device, fn);
+  allow_smem(reinterpret_cast<const void*>(tsv_trsm_lower_t_f32), launch.smem, device, fn);
   const dim3 grid(static_cast<unsigned>(batch), static_cast<unsigned>(row_blocks));
-  tsv_trsm_lower_t_f32<<<grid, kTrsmRows, smem, as_stream(stream)>>>(
+  tsv_trsm_lower_t_f32<<<grid, launch.threads, launch.smem, as_stream(stream)>>>(
       reinterpret_cast<const float*>(y), reinterpret_cast<const float*>(l), reinterpret_cast<float*>(q),
       static_cast<int>(m), static_cast<int>(c));
   check_cuda(cudaGetLastError(), fn + " launch");
@@ -157,10 +164,11 @@ void trsm_lower_t(std::uintptr_t y, std::uintptr_t l, std::uintptr_t q, int64_t 
 }  // namespace
 
 void register_cuda_ops(py::module_& m) {
-  m.def("jacobi_eigh", &jacobi_eigh, py::arg("a"), py::arg("w"), py::arg("v"), py::arg("batch"), py::arg("n"),
-        py::arg("stream") = 0,
-        "Eigenpairs of `batch` symmetric n x n fp32 matrices (n <= 128; lower triangle read): a [batch, n, n] "
-        "-> w [batch, n] ascending, v [batch, n, n] eigenvectors as columns. Pointers and stream as ints.");
+  m.def("jacobi_eigh", &jacobi_eigh, py::arg("a"), py::arg("w"), py::arg("v"), py::arg("v_scratch"),
+        py::arg("batch"), py::arg("n"), py::arg("fp64"), py::arg("stream") = 0,
+        "Eigenpairs of `batch` symmetric n x n fp32 (fp64) matrices (n <= 128; lower triangle read): a [batch, n, n] "
+        "-> w [batch, n] ascending, v [batch, n, n] eigenvectors as columns; v_scratch [batch, eigh_launch(...)[2]] "
+        "where the geometry puts V in global memory (else ignored). Pointers and stream as ints.");
   m.def("cholesky", &cholesky, py::arg("g"), py::arg("l"), py::arg("status"), py::arg("batch"), py::arg("c"),
         py::arg("allow_shift"), py::arg("stream") = 0,
         "G = L L^T for `batch` c x c fp32 Gram matrices (c <= 128): g -> l (lower), status int32 per matrix: "

@@ -1,7 +1,17 @@
+import hashlib
 import os
 
 import pytest
 import torch
+
+import torchvision_without_ops
+
+# open_clip needs torchvision, whose PyPI build cannot load its ops beside the CPU torch: let its
+# Python parts import, here and in every Python the tests start (torchvision_without_ops).
+torchvision_without_ops.install()
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(_TESTS, "startup"), _TESTS,
+                                                      os.environ.get("PYTHONPATH")) if p)
 
 # Without a GPU, Triton kernels run in the interpreter; this must be set before triton loads.
 if not torch.cuda.is_available():
@@ -48,5 +58,6 @@ ODD_SHAPES = {
 
 @pytest.fixture
 def seed(request):
-    """A fresh seed per test, derived from its name, so inputs differ between tests."""
-    return abs(hash(request.node.nodeid)) % (2**31)
+    """A seed per test, from a stable hash of its id: inputs differ between tests, and a
+    failure replays (`hash()` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(request.node.nodeid.encode()).digest()[:4], "little") % (2**31)

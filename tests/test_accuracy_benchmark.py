@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from tsvmerge.accuracy import demo  # noqa: E402
+from tsvmerge.accuracy.__main__ import main as run_accuracy  # noqa: E402
 from tsvmerge.accuracy.data import TASKS, load_splits, task_batch  # noqa: E402
 from tsvmerge.accuracy.model import Encoder, ViTConfig, open_clip_names  # noqa: E402
 from tsvmerge.accuracy.table import absolute, normalized, render  # noqa: E402
@@ -63,7 +63,7 @@ def test_normalized_accuracy_is_mean_of_ratios():
 @pytest.mark.slow
 def test_reduced_benchmark_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys):
     args = ["--quick", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]
-    assert demo.main(args) == 0
+    assert run_accuracy(args) == 0
     first = json.loads((tmp_path / "out" / "results.json").read_text())
     assert first["timing"]["train_s"] > 0
     assert set(first["sets"]) == {"2 tasks", "3 tasks"}
@@ -80,7 +80,7 @@ def test_reduced_benchmark_runs_end_to_end_and_reuses_its_cache(tmp_path, capsys
         assert 0 < os.path.getsize(tmp_path / "out" / png) < 300_000
     assert "Mean accuracy" in (tmp_path / "out" / "table.md").read_text()
     # the second run reads the cached checkpoints and gets the same numbers
-    assert demo.main(args) == 0
+    assert run_accuracy(args) == 0
     second = json.loads((tmp_path / "out" / "results.json").read_text())
     assert second["timing"]["train_s"] == 0
     assert second["sets"] == first["sets"]

@@ -1,6 +1,7 @@
 """The `tsvmerge` command end to end on a small synthetic zoo."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -72,3 +73,36 @@ def test_bad_input_exit_code_and_message(zoo, tmp_path):
     assert not (tmp_path / "out").exists()
     r = run_cli("merge", zoo.base, zoo.finetuned[0], "-o", str(tmp_path / "out"), "--method", "nope")
     assert r.returncode == 2 and "unknown method" in r.stderr
+
+
+def test_compress_into_a_folder(zoo, tmp_path, capsys):
+    """-o DIR/ (made if missing) or an existing folder: the file goes inside, named after the task."""
+    for out, expected in ((tmp_path / "new", None), (tmp_path / "new", "exists")):
+        arg = str(out) + ("/" if expected is None else "")
+        code = main(["compress", zoo.base, zoo.finetuned[0], "-o", arg, "--rank", "0.25", "--no-progress"])
+        if expected:
+            assert code == 2 and "already exists" in capsys.readouterr().err
+        else:
+            assert code == 0 and f"-> {out / 'task_01.tsvc.safetensors'}:" in capsys.readouterr().out
+    (tmp_path / "other").mkdir()
+    assert main(["compress", zoo.base, zoo.finetuned[1], "-o", str(tmp_path / "other"), "--no-progress"]) == 0
+    assert os.listdir(tmp_path / "other") == ["task_02.tsvc.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["new", "other"]
+    assert os.listdir(tmp_path / "new") == ["task_01.tsvc.safetensors"]
+
+
+def test_demo_reruns_replace_only_what_it_made(tmp_path, capsys):
+    args = ["demo", "--workdir", str(tmp_path), "--zoo-tasks", "2", "--zoo-layers", "0", "--skip-accuracy"]
+    assert main(args) == 0
+    first = os.stat(tmp_path / "merged").st_ino
+    assert main(args) == 0 and "using the cached synthetic zoo" in capsys.readouterr().out
+    assert os.stat(tmp_path / "merged").st_ino != first and sorted(os.listdir(tmp_path)) == ["merged", "zoo-ViT-B-32-2"]
+    for folder in ("merged", "zoo-ViT-B-32-2"):     # a folder of the user's own in the demo's place
+        os.rename(tmp_path / folder, tmp_path / "aside")
+        os.mkdir(tmp_path / folder)
+        (tmp_path / folder / "mine.txt").write_text("mine")
+        assert main(args) == 2
+        assert str(tmp_path / folder) in capsys.readouterr().err
+        assert os.listdir(tmp_path / folder) == ["mine.txt"]
+        shutil.rmtree(tmp_path / folder)
+        os.rename(tmp_path / "aside", tmp_path / folder)

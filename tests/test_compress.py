@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tsvmerge
-from tsvmerge.api import compression_rank, saves_space
+from tsvmerge.tsvc import compression_rank, saves_space
 
 from conftest import ODD_SHAPES, random_zoo
 
@@ -83,3 +83,75 @@ def test_tsvc_against_another_base_is_refused(seed, tmp_path):
             call()
         assert c in str(err.value)
     assert sorted(os.listdir(tmp_path)) == ["t.tsvc.safetensors"]   # nothing written
+
+
+def _tsvc_file(tmp_path, seed):
+    from tsvmerge.io import load_file
+    base, (task,) = random_zoo(seed, 1, ODD_SHAPES)
+    path = str(tmp_path / "t.tsvc.safetensors")
+    tsvmerge.compress(base, task, rank=0.3, out=path)
+    from tsvmerge.io.safetensors import read_header
+    return base, task, path, load_file(path), read_header(path)[1]
+
+
+@pytest.mark.parametrize("tamper,match", [
+    (lambda t, m: m.pop("base_fingerprint"), "base fingerprint"),
+    (lambda t, m: m.update(base_fingerprint="not hex"), "base fingerprint"),
+    (lambda t, m: m.update(spectral="[1, 2]"), "spectral"),
+    (lambda t, m: m.update(spectral='{"blocks.0.mlp.weight": [64, "48"]}'), "spectral"),
+    (lambda t, m: t.pop("blocks.0.mlp.weight.tsvc_v"), "tsvc_v is missing"),
+    (lambda t, m: t.update({"blocks.0.mlp.weight.tsvc_s": t["blocks.0.mlp.weight.tsvc_s"][:-1]}), "rank-k"),
+    (lambda t, m: t.update({"blocks.0.mlp.weight.tsvc_u": t["blocks.0.mlp.weight.tsvc_u"].double()}), "one floating dtype"),
+    (lambda t, m: t.update({"blocks.0.mlp.weight": torch.zeros(64, 48)}), "both dense and"),
+    (lambda t, m: t.update({"stray.tsvc_u": torch.zeros(3, 1)}), "does not list"),
+    (lambda t, m: m.update(spectral=m["spectral"].replace("[64, 48]", "[48, 64]")), "rank-k"),
+])
+def test_tampered_tsvc_files_are_refused(seed, tmp_path, tamper, match):
+    from tsvmerge.io import InputError, save_file
+    base, task, path, tensors, meta = _tsvc_file(tmp_path, seed)
+    tamper(tensors, meta)
+    bad = str(tmp_path / "bad.tsvc.safetensors")
+    save_file(tensors, bad, meta)
+    for call in (lambda: tsvmerge.decompress(base, bad), lambda: tsvmerge.merge(base, [bad, path])):
+        with pytest.raises(InputError, match=match) as err:
+            call()
+        assert bad in str(err.value)
+
+
+def test_tsvc_is_not_a_base_and_not_compressed_again(seed, tmp_path):
+    from tsvmerge.io import InputError
+    base, task, path, _, _ = _tsvc_file(tmp_path, seed)
+    with pytest.raises(InputError, match="not a base model"):
+        tsvmerge.merge(path, [task, task])
+    with pytest.raises(InputError, match="already a TSV-C file"):
+        tsvmerge.compress(base, path)
+
+
+def test_int_tensors_come_from_the_finetune_whatever_the_metadata_says(seed, tmp_path):
+    """Non-floating tensors are stored as the fine-tune has them; a tampered 'raw' list
+    (older files carried one) cannot make decompress add a task vector to the base."""
+    from tsvmerge.io import save_file
+    base, task, path, tensors, meta = _tsvc_file(tmp_path, seed)
+    task["bn.num_batches_tracked"] = base["bn.num_batches_tracked"] + 5
+    tsvmerge.compress(base, task, rank=0.3, out=str(tmp_path / "c.safetensors"))
+    meta["raw"] = '["norm.weight"]'
+    save_file(tensors, str(tmp_path / "raw.safetensors"), meta)
+    theta = tsvmerge.decompress(base, str(tmp_path / "raw.safetensors"))
+    assert torch.allclose(theta["norm.weight"], task["norm.weight"], atol=1e-6)
+    assert int(tsvmerge.decompress(base, str(tmp_path / "c.safetensors"))["bn.num_batches_tracked"]) == \
+        int(task["bn.num_batches_tracked"])
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_low_rank_tsvc_merges_as_its_reconstruction(seed, backend):
+    """A TSV-C task stored below the merge's k contributes its r triplets, whether read as factors
+    or rebuilt dense (the dense path finds the same rank); beside a dense fine-tune too."""
+    base, tasks = random_zoo(seed, 3, ODD_SHAPES, torch.float64)
+    compressed = [tsvmerge.compress(base, t, rank=0.05, compute_dtype="float64", preset="clip") for t in tasks[:2]]
+    rebuilt = [tsvmerge.decompress(base, c) for c in compressed]
+    opts = dict(backend=backend, compute_dtype="float64", preset="clip")
+    got = tsvmerge.merge(base, compressed + tasks[2:], **opts)
+    want = tsvmerge.merge(base, rebuilt + tasks[2:], **opts)
+    for name in ("blocks.0.mlp.weight", "blocks.1.attn.weight"):
+        d = (got[name] - want[name]).norm() / (want[name] - base[name]).norm()
+        assert d < 1e-10, name

@@ -9,7 +9,7 @@ from safetensors.torch import load_file as st_load, save_file as st_save
 
 import tsvmerge
 from tsvmerge.engine import _all_finite
-from tsvmerge.io import InputError, open_checkpoint, save_file
+from tsvmerge.io import InputError, OutputError, open_checkpoint, save_file
 from tsvmerge.io.output import plan_shards
 
 from conftest import ODD_SHAPES, random_zoo
@@ -176,7 +176,7 @@ def test_existing_output_is_kept_unless_overwrite(seed, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(OutputError, match="already exists"):
         tsvmerge.merge(base, tasks, out=str(out))
     assert (out / "keep.txt").read_text() == "mine"
     tsvmerge.merge(base, tasks, out=str(out), overwrite=True)

@@ -140,7 +140,7 @@ def test_k0_falls_back_to_mean_and_says_so(seed, tmp_path):
     assert rel(out["narrow"] - base["narrow"], mean) < 1e-12
     import json
     rep = json.loads(report.read_text())
-    assert rep["tensors"]["narrow"]["path"] == "mean" and "k=0" in rep["tensors"]["narrow"]["note"]
+    assert rep["tensors"]["narrow"]["path"] == "dense" and "k=0" in rep["tensors"]["narrow"]["note"]
     assert rep["summary"]["fallbacks"] == ["narrow"]
 
 
@@ -218,3 +218,99 @@ def test_unknown_options_are_refused(seed):
         tsvmerge.merge(base, tasks, orthogonalise="whiten")
     with pytest.raises(ValueError, match="unknown method"):
         tsvmerge.merge(base, tasks, method="magic")
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "average", "tsv"])
+def test_scalar_tensors_merge(seed, method):
+    """0-d tensors (a logit scale, a temperature) take the dense path like any other."""
+    base, tasks = random_zoo(seed, 3, {"logit_scale": (), "w": (8, 6)})
+    out = tsvmerge.merge(base, tasks, method=method, backend="reference")
+    taus = torch.stack([t["logit_scale"] - base["logit_scale"] for t in tasks])
+    if method == "task_arithmetic":
+        assert torch.allclose(out["logit_scale"], base["logit_scale"] + taus.sum(), atol=1e-6)
+    assert out["logit_scale"].shape == () and torch.isfinite(out["logit_scale"])
+
+
+# -- DESIGN section 2, "Null directions never enter" ---------------------------------------------
+def _rank_deficient_zoo(seed, eps=0.0):
+    """A 64 x 48 tensor (k = 16 for T = 3): tasks of rank 3 and 10, and a full-rank one with a
+    clear gap after its 16th singular value (so that its top-16 factors are well conditioned);
+    the first moved by a perturbation of relative size eps. fp64, base ~N(0, 1), tasks of norm ~10."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = 64, 48
+    base = {"w": torch.randn(m, n, generator=g, dtype=torch.float64)}
+    taus = [torch.randn(m, r, generator=g, dtype=torch.float64) @ torch.randn(r, n, generator=g, dtype=torch.float64)
+            for r in (3, 10)]
+    u, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.cat([torch.linspace(10, 5, 16, dtype=torch.float64), torch.full((32,), 1e-2, dtype=torch.float64)])
+    taus = [10 * t / t.norm() for t in taus + [u @ torch.diag(s) @ v.T]]
+    e = torch.randn(m, n, generator=g, dtype=torch.float64)
+    taus[0] = taus[0] + eps * taus[0].norm() * e / e.norm()
+    return base, [{"w": base["w"] + t} for t in taus], taus
+
+
+def _kept_merge(taus, k):
+    """TSV-M by hand, each task keeping min(k, rank) triplets (rank from the construction)."""
+    us, ss, vs = [], [], []
+    for tau, r in zip(taus, (3, 10, 48)):
+        u, s, vh = torch.linalg.svd(tau)
+        keep = min(k, r)
+        us.append(u[:, :keep]), ss.append(s[:keep]), vs.append(vh[:keep].T)
+    return P.polar(torch.cat(us, 1)) @ torch.diag(torch.cat(ss)) @ P.polar(torch.cat(vs, 1)).T
+
+
+BACKENDS_ROUTES = [("reference", "procrustes"), ("reference", "whiten"), ("torch", "procrustes"), ("torch", "whiten")]
+
+
+@pytest.mark.parametrize("backend,how", BACKENDS_ROUTES)
+def test_rank_deficient_task_keeps_its_rank(seed, backend, how):
+    base, tasks, taus = _rank_deficient_zoo(seed)
+    exact = {"svd": "exact"} if backend == "torch" else {}  # the polar routes are under test here
+    out = tsvmerge.merge(base, tasks, backend=backend, compute_dtype="float64", orthogonalize=how, **exact)
+    assert rel(out["w"] - base["w"], _kept_merge(taus, 16)) < 1e-9
+
+
+@pytest.mark.parametrize("backend,how", BACKENDS_ROUTES)
+def test_perturbation_below_rounding_does_not_move_the_merge(seed, backend, how):
+    """1e-15 relative is below the fp64 rank tolerance (max(m, n) eps = 1.4e-14): the task's rank
+    stays 3. Without the rule its 13 null columns, an arbitrary completion, move the merge by
+    ~40% (the paper's algorithm shows it)."""
+    base, tasks, _ = _rank_deficient_zoo(seed)
+    _, moved, _ = _rank_deficient_zoo(seed, eps=1e-15)
+    a, b = (tsvmerge.merge(base, t, backend=backend, compute_dtype="float64", orthogonalize=how) for t in (tasks, moved))
+    assert rel(b["w"] - base["w"], a["w"] - base["w"]) < 1e-12
+    pa, pb = paper_tsv_merge(base, tasks), paper_tsv_merge(base, moved)
+    assert rel(pb["w"] - base["w"], pa["w"] - base["w"]) > 1e-2
+
+
+@pytest.mark.parametrize("backend,how", BACKENDS_ROUTES)
+def test_rank_deficient_fp32_agrees_with_fp64(seed, backend, how):
+    """fp32 rounding of the inputs is a perturbation too (relative ~1e-7, below fp32's tolerance)."""
+    base, tasks, _ = _rank_deficient_zoo(seed)
+    a, b = (tsvmerge.merge(base, tasks, backend=backend, compute_dtype=d, orthogonalize=how)
+            for d in ("float64", "float32"))
+    assert rel(b["w"] - base["w"], a["w"] - base["w"]) < 1e-4
+
+
+def test_drop_null_directions_keeps_min_k_rank(seed):
+    from tsvmerge.backends import TaskSVD
+    from tsvmerge.lowrank import drop_null_directions
+    g = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(2, 3, 40, 6, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(2, 3, 30, 6, generator=g, dtype=torch.float64))[0]
+    s = torch.rand(2, 3, 6, generator=g, dtype=torch.float64).sort(-1, descending=True).values + 1
+    full = TaskSVD(u, s, v, torch.ones(2, 3, dtype=torch.float64))
+    assert drop_null_directions(full) is full                        # full rank: the same tensors
+    s = s.clone()
+    s[0, 0, 2:] = 1e-15 * s[0, 0, 0]                                 # rank 2: rounding-level rest
+    s[:, 1:, 4:] = 0                                                 # rank 4: zero padding
+    s[1, 2, :] = 0                                                   # a zero task vector
+    out = drop_null_directions(TaskSVD(u, s, v, full.energy))
+    assert out.s.shape[-1] == 6                                      # task (1, 0) keeps all six
+    kept = (out.s != 0).sum(-1)
+    assert kept.tolist() == [[2, 4, 4], [6, 4, 0]]
+    assert torch.equal((out.u.norm(dim=-2) != 0).sum(-1), kept) and torch.equal((out.v.norm(dim=-2) != 0).sum(-1), kept)
+    s[1, 0, 3:] = 0
+    narrow = drop_null_directions(TaskSVD(u, s, v, full.energy))
+    assert narrow.s.shape[-1] == 4 and torch.equal(narrow.u[0, 1], u[0, 1, :, :4])

@@ -1,9 +1,10 @@
 """Triton kernels against their torch references in tsvmerge.primitives (Liger-Kernel style).
 
 Without a CUDA device the kernels run in Triton's interpreter on CPU tensors. Every kernel
-loads bf16/fp16 tiles and upcasts them in registers, so all dots are fp32 and the
+loads bf16/fp16 tiles and upcasts them in registers, so all dots are fp32 (fp64 for fp64 Grams) and the
 interpreter (numpy, no bf16 arithmetic) needs no fp32 fallback in the test path.
 """
+import json
 import os
 import subprocess
 import sys
@@ -16,12 +17,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot be tested")
 
+import triton  # noqa: E402
+
+import tsvmerge  # noqa: E402
+import tsvmerge.backends  # noqa: E402
+from conftest import random_zoo  # noqa: E402
 from tsvmerge import primitives as P  # noqa: E402
 from tsvmerge.backends.randomized import TorchBackend  # noqa: E402
 from tsvmerge.backends.triton import TritonBackend  # noqa: E402
 from tsvmerge.kernels.triton import delta_sketch as D  # noqa: E402
 from tsvmerge.kernels.triton import gram as G  # noqa: E402
 from tsvmerge.kernels.triton import lowrank_apply as LA  # noqa: E402
+from tsvmerge.report import format_merge_report  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in (torch.float32, torch.bfloat16, torch.float16)]
@@ -29,7 +36,7 @@ BATCHES = [pytest.param(1, 1, id="L1T1"), pytest.param(2, 3, id="L2T3")]
 # Kernel math is fp32 (ieee dots), so fp32 results agree to rounding whatever the input dtype;
 # bf16/fp16 outputs differ by at most one ulp of the cast (the interpreter truncates fp32 -> bf16,
 # GPUs round to nearest).
-RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
 def assert_close(actual, expected):
@@ -106,6 +113,9 @@ def test_delta_sketch(L, T, m, n, c, dtype, seed):
     out = D.delta_sketch(finetuned, base, c, seed, out=poisoned((L, T, m, c)))
     omega = D.sketch_omega(n, c, seed, device=DEVICE)
     assert_close(out, P.delta_matmul(finetuned, base, omega.expand(L, T, n, c)))
+    out = D.delta_sketch(finetuned, base, c, seed, transposed=True, out=poisoned((L, T, n, c)))
+    omega = D.sketch_omega(m, c, seed, device=DEVICE)
+    assert_close(out, P.delta_matmul_t(finetuned, base, omega.expand(L, T, m, c)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -132,41 +142,28 @@ def test_sketch_is_seeded_standard_normal():
 
 
 # -- gram ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
+GRAM_DTYPES = [pytest.param(torch.float64, id="float64"), *DTYPES]
+
+
+@pytest.mark.parametrize("dtype", GRAM_DTYPES)
 @pytest.mark.parametrize("m,K", [pytest.param(77, 45, id="77x45"), pytest.param(50, 70, id="50x70")])
 @pytest.mark.parametrize("lead", [pytest.param((1,), id="B1"), pytest.param((2, 3), id="B2x3")])
 def test_gram(lead, m, K, dtype, seed):
+    """fp64 panels (the engine's factor Grams on CUDA) accumulate in fp64, the rest in fp32."""
     x = randn(torch.Generator().manual_seed(seed), *lead, m, K, dtype=dtype)
-    out = G.gram(x, out=poisoned((*lead, K, K)))
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out = G.gram(x, out=poisoned((*lead, K, K), acc))
+    assert out.dtype == acc
     assert_close(out, P.gram(x))
 
 
-def eye_blocks(g, k):
-    """g with its diagonal k x k blocks replaced by the identity."""
-    g = g.clone()
-    for start in range(0, g.shape[-1], k):
-        g[..., start:start + k, start:start + k] = torch.eye(k, dtype=g.dtype, device=g.device)
-    return g
-
-
-# (T, k): one task (all identity), odd k, and k wider than a column tile (several tiles per block).
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,k", [pytest.param(1, 13, id="T1k13"), pytest.param(3, 13, id="T3k13"),
-                                 pytest.param(2, 40, id="T2k40")])
-@pytest.mark.parametrize("B", [1, 2], ids=["B1", "B2"])
-def test_gram_task_blocks(B, T, k, dtype, seed):
-    """Diagonal task blocks are set to I, not computed: random (non-orthonormal) panels show it."""
-    x = randn(torch.Generator().manual_seed(seed), B, 77, T * k, dtype=dtype)
-    out = G.gram(x, task_block=k, out=poisoned((B, T * k, T * k)))
-    assert_close(out, eye_blocks(P.gram(x), k))
-
-
-def test_gram_task_blocks_of_orthonormal_panels(seed):
-    """On per-task orthonormal panels, the block-skipping Gram is the full Gram."""
-    T, k, m = 3, 13, 77
-    panels = torch.linalg.qr(torch.randn(2, T, m, k, generator=torch.Generator().manual_seed(seed)))[0]
-    x = panels.transpose(1, 2).reshape(2, m, T * k).to(DEVICE)
-    assert_close(G.gram(x, task_block=k, out=poisoned((2, T * k, T * k))), P.gram(x))
+def test_gram_fits_shared_memory_in_every_dtype():
+    """The autotuner never gets a config whose tiles exceed H100's shared memory (fp64 at
+    BLOCK_M = 128 would: 256 KiB), and always keeps one."""
+    configs = [triton.Config({"BLOCK_M": bm}, num_stages=s) for bm, s in [(32, 4), (128, 3)]]
+    for dtype, kept in [(torch.float64, 1), (torch.float32, 2)]:
+        nargs = {"x_ptr": torch.empty(0, dtype=dtype)}
+        assert len(G._fit_shared_memory(configs, nargs, BLOCK_COLS=64)) == kept
 
 
 # -- lowrank_apply ---------------------------------------------------------------------
@@ -208,8 +205,8 @@ def test_launchers_reject_bad_inputs():
         D.delta_matmul(x, x[:, 0], x.transpose(-1, -2))
     with pytest.raises(ValueError):
         D.delta_matmul(x.float(), x[:, 0].float(), torch.randn(1, 1, 5, 3, device=DEVICE))
-    with pytest.raises(ValueError):
-        G.gram(torch.randn(2, 8, 6, device=DEVICE), task_block=4)
+    with pytest.raises(TypeError):
+        G.gram(torch.ones(2, 8, 6, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError):
         LA.lowrank_apply(torch.randn(1, 8, 4, device=DEVICE), torch.randn(1, 8, 2, device=DEVICE),
                          torch.randn(1, 2, device=DEVICE), torch.randn(1, 4, 2, device=DEVICE), 1.0,
@@ -217,15 +214,12 @@ def test_launchers_reject_bad_inputs():
 
 
 # -- backend -------------------------------------------------------------------------------
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
-def test_backend_not_available_without_cuda():
-    assert not TritonBackend.is_available()
-
-
-def test_backend_recovers_exact_low_rank(seed):
-    """The range finder on the Triton hooks recovers a rank-4 task vector exactly."""
+@pytest.mark.parametrize("m,n", [pytest.param(77, 45, id="tall"), pytest.param(45, 77, id="wide")])
+def test_backend_recovers_exact_low_rank_on_kernels_only(m, n, seed):
+    """The range finder on the Triton hooks recovers a rank-4 task vector exactly, and every
+    hook it calls runs its kernel (the sketch of tau^T too, when m > n)."""
     gen = torch.Generator().manual_seed(seed)
-    L, T, m, n, rank = 1, 2, 77, 45, 4
+    L, T, rank = 1, 2, 4
     base = randn(gen, L, m, n)
     tau = randn(gen, L, T, m, rank) @ randn(gen, L, T, rank, n)
     backend = TritonBackend(device=DEVICE, seed=seed, oversample=4, power_iters=1)
@@ -233,31 +227,60 @@ def test_backend_recovers_exact_low_rank(seed):
         recon = (svd.u * svd.s.unsqueeze(-2)) @ svd.v.transpose(-1, -2)
         torch.testing.assert_close(recon, tau, rtol=1e-4, atol=1e-4 * tau.abs().max().item())
         assert torch.allclose(svd.energy, torch.ones_like(svd.energy), atol=1e-4)
+    assert backend.describe()["fallbacks"] == {}
 
 
-def test_backend_falls_back_to_torch_for_fp64(seed):
+def test_backend_records_declined_inputs(seed):
+    """An input a kernel does not take runs in torch, gives torch's result, and is counted
+    with its reason in describe() (the merge report's backend section)."""
     gen = torch.Generator().manual_seed(seed)
     finetuned, base = (t.double() for t in task_batch(gen, 1, 2, 9, 7, torch.float32))
     x = randn(gen, 1, 2, 7, 3).double()
     backend = TritonBackend(device=DEVICE, compute_dtype=torch.float64)
     expected = TorchBackend().delta_matmul(finetuned, base, x)
-    torch.testing.assert_close(backend.delta_matmul(finetuned, base, x), expected)
+    for _ in range(2):
+        torch.testing.assert_close(backend.delta_matmul(finetuned, base, x), expected)
+    b0, u, s, v = base.float(), randn(gen, 1, 9, 3), randn(gen, 1, 3), randn(gen, 1, 7, 3)
+    out = backend.lowrank_apply(b0, u, s, v, 1.0, torch.float64)
+    torch.testing.assert_close(out, P.lowrank_apply(b0, u, s, v, 1.0, torch.float64))
+    assert backend.describe()["fallbacks"] == {"delta_matmul": {"dtype float64": 2},
+                                               "lowrank_apply": {"out_dtype float64": 1}}
+
+
+@pytest.mark.parametrize("compute_dtype, declined", [("float32", set()), ("float64", {"dtype float64"})])
+def test_merge_report_names_what_fell_back(compute_dtype, declined, seed, monkeypatch, tmp_path):
+    """A merge on the triton backend (the interpreter stands in for the GPU) reports what its
+    kernels declined: none in fp32; in fp64 every product with the task matrices."""
+    monkeypatch.setattr(tsvmerge.backends, "available", lambda name, device: True)
+    base, tasks = random_zoo(seed % 1000, 3, {"blocks.0.w": (40, 24), "blocks.0.b": (24,)})
+    tsvmerge.merge(base, tasks, backend="triton", device=DEVICE, compute_dtype=compute_dtype,
+                   report=str(tmp_path / "r.json"), progress=False)
+    report = json.loads((tmp_path / "r.json").read_text())
+    fallbacks = report["backend"]["fallbacks"]
+    assert {why for reasons in fallbacks.values() for why in reasons} == declined
+    notes = [line for line in format_merge_report(report).splitlines() if "kernel declined" in line]
+    assert len(notes) == sum(len(reasons) for reasons in fallbacks.values())
+    if declined:
+        assert {"sketch", "delta_matmul", "delta_matmul_t"} <= set(fallbacks)
+        calls = fallbacks["delta_matmul"]["dtype float64"]
+        assert f"note: triton kernel declined delta_matmul (dtype float64) {calls}x: ran in torch" in notes
 
 
 # -- GPU code path, compiled without a GPU ---------------------------------------------------
 def compile_for_sm90():
-    """Compile one config of each kernel variant for H100 (sm_90) to a cubin; needs no GPU."""
-    import triton
+    """Compile each kernel variant for H100 (sm_90) to a cubin; needs no GPU. The Gram kernel:
+    every config the autotuner may pick, in fp32 and fp64, within the shared memory limit."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    def compile_kernel(autotuned, types, constexprs):
-        config = autotuned.configs[0]
+    def compile_kernel(autotuned, types, constexprs, config=None):
+        config = config or autotuned.configs[0]
         constexprs = {**constexprs, **config.kwargs}
         signature = {name: "constexpr" if name in constexprs else types.get(name, "i32")
                      for name in autotuned.fn.arg_names}
-        triton.compile(ASTSource(autotuned.fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        return triton.compile(ASTSource(autotuned.fn, signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
     # Contiguous strides are 1, which Triton specialises as a constant, as at run time.
     for ft, seeded, precision in [("fp32", True, "ieee"), ("bf16", False, "tf32")]:
@@ -265,9 +288,13 @@ def compile_for_sm90():
                                                 "out_ptr": "*fp32", "stride_fl": "i64"},
                        {"HAS_BASE": not seeded, "SEEDED_OMEGA": seeded, "INPUT_PRECISION": precision,
                         "stride_ak": 1, "stride_bk": 1, "stride_xc": 1, "stride_oc": 1})
-    compile_kernel(G._gram_kernel, {"x_ptr": "*fp32", "out_ptr": "*fp32"},
-                   {"DIAG_IS_IDENTITY": True, "INPUT_PRECISION": "ieee", "BLOCK_COLS": 64,
-                    "stride_xk": 1, "stride_oc": 1})
+    for dtype, ty in [(torch.float32, "fp32"), (torch.float64, "fp64")]:
+        nargs = {"x_ptr": torch.empty(0, dtype=dtype)}
+        for config in G._fit_shared_memory(G._gram_kernel.configs, nargs, BLOCK_COLS=G.MAX_BLOCK_COLS):
+            compiled = compile_kernel(G._gram_kernel, {"x_ptr": f"*{ty}", "out_ptr": f"*{ty}"},
+                                      {"INPUT_PRECISION": "ieee", "BLOCK_COLS": G.MAX_BLOCK_COLS,
+                                       "stride_xk": 1, "stride_oc": 1}, config)
+            assert compiled.metadata.shared <= G.SHARED_MEMORY, (ty, config, compiled.metadata.shared)
     lowrank_types = {f"{name}_ptr": "*bf16" for name in ("base", "u", "s", "v", "out")} | {"alpha": "fp32"}
     compile_kernel(LA._lowrank_apply_kernel, lowrank_types,
                    {"INPUT_PRECISION": "ieee", "stride_bn": 1, "stride_uk": 1, "stride_vk": 1, "stride_on": 1})

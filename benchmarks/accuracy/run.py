@@ -5,7 +5,7 @@
 import os
 import sys
 
-from tsvmerge.accuracy.demo import main
+from tsvmerge.accuracy.__main__ import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "results", "accuracy")
 

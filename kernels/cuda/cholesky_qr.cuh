@@ -1,15 +1,15 @@
-// Cholesky-QR building blocks for tall-skinny panels Y [batch, m, c], c <= 128:
+// Cholesky-QR building blocks for tall-skinny panels Y [batch, m, c], c <= 128 (launch geometry:
+// csrc/launch_geometry.h):
 //   tsv_cholesky_f32:     G = L L^T for the Gram matrices G = Y^T Y (the host forms G, in fp64),
 //                         retried with a shift when a pivot is too small;
 //   tsv_trsm_lower_t_f32: Q = Y R^-1 with R = L^T, by forward substitution row by row.
 // One Cholesky-QR pass is gram -> cholesky -> trsm; the host runs two (CholQR2), or three
-// with the first shifted (shifted CholQR3, Fukaya et al. 2020) where the plain one fails.
+// with the first shifted (shifted CholQR3, Fukaya et al. 2020) where the plain one fails
+// (one, or two where shifted, when a single pass is asked for).
 #ifndef TSVMERGE_CHOLESKY_QR_CUH
 #define TSVMERGE_CHOLESKY_QR_CUH
 
 #include "common.cuh"
-
-#define TSV_CHOLQR_MAX_C 128
 
 // Per-matrix result of tsv_cholesky_f32, ordered by severity so passes combine with max().
 #define TSV_CHOL_OK 0
@@ -48,7 +48,6 @@ __device__ bool tsv_cholesky_attempt(const float* g, double shift, int c, float*
 // g_in [batch, c, c] (lower triangle read), l_out [batch, c, c] (lower; upper zero),
 // status [batch] int32 (TSV_CHOL_*), contiguous; one block per matrix, any block size.
 // A failed factorization writes L = I so the following solve stays finite.
-// Dynamic shared memory: 8 (blockDim.x + c + 2) + 4 c (c + 1) bytes.
 extern "C" __global__ void tsv_cholesky_f32(const float* __restrict__ g_in, float* __restrict__ l_out,
                                             int* __restrict__ status, int c, int allow_shift) {
   extern __shared__ double tsv_smem[];
@@ -91,7 +90,6 @@ extern "C" __global__ void tsv_cholesky_f32(const float* __restrict__ g_in, floa
 // blockDim.x rows, transposed (stride blockDim.x + 1, bank-conflict free) next to L, and each
 // thread substitutes one row. fp32 throughout: substitution is backward stable in working
 // precision; the conditioning is handled by the Gram and the pivot test above.
-// Dynamic shared memory: 4 (c (c + 1) + c (blockDim.x + 1)) bytes.
 extern "C" __global__ void tsv_trsm_lower_t_f32(const float* y_in, const float* __restrict__ l_in,
                                                 float* q_out, int m, int c) {
   extern __shared__ double tsv_smem[];  // declared double for alignment; holds floats

@@ -5,6 +5,16 @@
 
 // fp32 unit roundoff, 2^-24.
 #define TSV_EPS32 5.9604644775390625e-8
+// Largest finite double: a sum of squares above it is Inf or NaN.
+#define TSV_DOUBLE_MAX 1.7976931348623157e308
+
+// Unit roundoff of the storage precision: 2^-24 (fp32), 2^-53 (fp64).
+template <typename Real>
+__device__ __forceinline__ double tsv_unit_roundoff();
+template <>
+__device__ __forceinline__ double tsv_unit_roundoff<float>() { return TSV_EPS32; }
+template <>
+__device__ __forceinline__ double tsv_unit_roundoff<double>() { return 1.1102230246251565e-16; }
 
 // Sum of one value per thread over the block; every thread gets the total. `partial` holds
 // blockDim.x + 1 doubles of shared memory. Call from all threads (it holds two barriers).

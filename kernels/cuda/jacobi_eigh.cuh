@@ -1,29 +1,31 @@
 // Batched symmetric eigensolver for n <= 128: parallel cyclic Jacobi, one thread block per
-// matrix. Output follows torch.linalg.eigh: only the lower triangle of the input is read,
-// eigenvalues come out ascending and eigenvectors as columns.
+// matrix, in fp32 or fp64 (tsv_jacobi_eigh_f32 / _f64). Output follows torch.linalg.eigh: only
+// the lower triangle of the input is read, eigenvalues come out ascending and eigenvectors as
+// columns.
 //
-// Memory: A and the eigenvector matrix (stored transposed, vt) both live in dynamic shared
-// memory as fp32, rows padded to an odd stride so column accesses are bank-conflict free:
-// 2 * 128 * 129 * 4 B = 129 KiB at n = 128. That is above the 48 KiB default, so the launcher
-// opts in (H100/H200 allow 227 KiB per block). V stays in shared memory rather than global
-// because every round rotates every column; the price is one resident block per SM at
-// n = 128 (at n = 64, the engine's usual size, 36 KiB: registers bound residency first).
+// Memory: A lives in dynamic shared memory, rows padded to an odd stride so column accesses
+// are bank-conflict free. So does the eigenvector matrix (stored transposed, vt) where the
+// device allows it: fp32 at n = 128 needs 129 KiB for both, above the 48 KiB default, so the
+// launcher opts in (H100/H200 allow 227 KiB per block). fp64 past n = 118 does not fit: vt then
+// lives in a global scratch array the caller provides, rows contiguous so every rotation reads
+// and writes coalesced rows. csrc/launch_geometry.h sizes all of it.
 //
 // Ordering: round-robin (circle method). N = n rounded up to even; an odd n gets a dummy
 // index N - 1 whose rows are zero and never rotate. A sweep is N - 1 rounds of N / 2
 // disjoint pairs, so a round is applied at once: A <- J^T A J and V <- V J, J the product
 // of the round's rotations. Each thread rewrites whole 2x2 blocks (rows of one pair, columns
-// of another), which partition A, so a round needs two barriers.
+// of another), which partition A, so a round needs two barriers (they order global memory
+// within the block too).
 //
-// Precision: A and V are stored and rotated in fp32; the rotation angles, the new diagonal
-// entries and the convergence sums are fp64. Sweeps stop once off(A) <= u ||A||_F
-// (u = 2^-24): what is left moves eigenvalues by less than fp32 can show.
+// Precision: A and V are stored and rotated in the matrix's precision; the rotation angles,
+// the new diagonal entries and the convergence sums are fp64. Sweeps stop once
+// off(A) <= u ||A||_F (u: the unit roundoff of that precision): what is left moves
+// eigenvalues by less than it can show.
 #ifndef TSVMERGE_JACOBI_EIGH_CUH
 #define TSVMERGE_JACOBI_EIGH_CUH
 
 #include "common.cuh"
 
-#define TSV_EIGH_MAX_N 128
 #define TSV_EIGH_MAX_SWEEPS 30
 
 // Pair k of round r among N (even) indices: index N - 1 stays put, the others turn.
@@ -37,43 +39,43 @@ __device__ __forceinline__ void tsv_round_robin_pair(int r, int k, int N, int* p
   }
 }
 
-// a_in [batch, n, n], w_out [batch, n], v_out [batch, n, n], all contiguous fp32; one block
-// per matrix, any block size. Dynamic shared memory, with N = n + n % 2 and M = N / 2:
-// 8 (blockDim.x + 1 + M) + 4 (4 M + N + 2 N (N + 1)) bytes (the launchers compute the same).
-extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, float* __restrict__ w_out,
-                                               float* __restrict__ v_out, int n) {
+// a_in [batch, n, n], w_out [batch, n], v_out [batch, n, n], contiguous; vt_scratch null (vt in
+// shared memory) or [batch, N (N + 1)]; one block per matrix, any block size, N = n + n % 2.
+template <typename Real>
+__device__ void tsv_jacobi_eigh(const Real* __restrict__ a_in, Real* __restrict__ w_out, Real* __restrict__ v_out,
+                                Real* vt_scratch, int n) {
   extern __shared__ double tsv_smem[];
   const int N = n + (n & 1), M = N / 2, ld = N + 1;
+  const long long mat = blockIdx.x;
   double* partial = tsv_smem;                    // blockDim.x + 1: tsv_block_sum scratch
   double* rot_t = partial + blockDim.x + 1;      // M: tan of each pair's angle
-  float* rot_c = (float*)(rot_t + M);            // M: cos
-  float* rot_s = rot_c + M;                      // M: sin
-  int* rot_p = (int*)(rot_s + M);                // M: the pair's indices
+  Real* rot_c = (Real*)(rot_t + M);              // M: cos
+  Real* rot_s = rot_c + M;                       // M: sin
+  Real* a = rot_s + M;                           // N x ld
+  Real* vt = vt_scratch ? vt_scratch + mat * N * ld : a + N * ld;  // N x ld, vt[i * ld + row] = V[row][i]
+  int* rot_p = (int*)(vt_scratch ? a + N * ld : vt + N * ld);     // M: the pair's indices
   int* rot_q = rot_p + M;
   int* rank = rot_q + M;                         // N: eigenvalue i goes to position rank[i]
-  float* a = (float*)(rank + N);                 // N x ld
-  float* vt = a + N * ld;                        // N x ld, vt[i * ld + row] = V[row][i]
 
-  const long long mat = blockIdx.x;
-  const float* src = a_in + mat * n * n;
+  const Real* src = a_in + mat * n * n;
   double sum_sq = 0.0;
   for (int idx = threadIdx.x; idx < N * N; idx += blockDim.x) {
     const int i = idx / N, j = idx % N;
-    float x = 0.f;
+    Real x = 0;
     if (i < n && j < n) x = i >= j ? src[i * n + j] : src[j * n + i];
     a[i * ld + j] = x;
-    vt[i * ld + j] = i == j ? 1.f : 0.f;
+    vt[i * ld + j] = i == j ? 1 : 0;
     sum_sq += (double)x * x;
   }
   const double norm_sq = tsv_block_sum(sum_sq, partial);
 
-  if (!(norm_sq <= 1e300)) {  // NaN or Inf in the input: answer NaN rather than iterate on it
-    for (int i = threadIdx.x; i < n; i += blockDim.x) w_out[mat * n + i] = nanf("");
-    for (int i = threadIdx.x; i < n * n; i += blockDim.x) v_out[mat * n * n + i] = nanf("");
+  if (!(norm_sq <= TSV_DOUBLE_MAX)) {  // NaN or Inf in the input: answer NaN rather than iterate on it
+    for (int i = threadIdx.x; i < n; i += blockDim.x) w_out[mat * n + i] = (Real)nan("");
+    for (int i = threadIdx.x; i < n * n; i += blockDim.x) v_out[mat * n * n + i] = (Real)nan("");
     return;
   }
 
-  const double off_tol_sq = norm_sq * TSV_EPS32 * TSV_EPS32;
+  const double off_tol_sq = norm_sq * tsv_unit_roundoff<Real>() * tsv_unit_roundoff<Real>();
   for (int sweep = 0; sweep < TSV_EIGH_MAX_SWEEPS; ++sweep) {
     double off_sq = 0.0;
     for (int idx = threadIdx.x; idx < N * N; idx += blockDim.x) {
@@ -97,8 +99,8 @@ extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, f
         }
         rot_p[k] = p;
         rot_q[k] = q;
-        rot_c[k] = (float)c;
-        rot_s[k] = (float)s;
+        rot_c[k] = (Real)c;
+        rot_s[k] = (Real)s;
         rot_t[k] = t;
       }
       __syncthreads();
@@ -111,20 +113,20 @@ extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, f
         const int p1 = rot_p[P], q1 = rot_q[P];
         if (P == Q) {  // the pair's own block: closed form, off-diagonal exactly zero
           const double apq = a[p1 * ld + q1], t = rot_t[P];
-          a[p1 * ld + p1] = (float)(a[p1 * ld + p1] - t * apq);
-          a[q1 * ld + q1] = (float)(a[q1 * ld + q1] + t * apq);
-          a[p1 * ld + q1] = 0.f;
-          a[q1 * ld + p1] = 0.f;
+          a[p1 * ld + p1] = (Real)(a[p1 * ld + p1] - t * apq);
+          a[q1 * ld + q1] = (Real)(a[q1 * ld + q1] + t * apq);
+          a[p1 * ld + q1] = 0;
+          a[q1 * ld + p1] = 0;
           continue;
         }
         const int p2 = rot_p[Q], q2 = rot_q[Q];
-        const float c1 = rot_c[P], s1 = rot_s[P], c2 = rot_c[Q], s2 = rot_s[Q];
-        const float bpp = a[p1 * ld + p2], bpq = a[p1 * ld + q2];
-        const float bqp = a[q1 * ld + p2], bqq = a[q1 * ld + q2];
-        const float rpp = c1 * bpp - s1 * bqp, rpq = c1 * bpq - s1 * bqq;  // rows: J1^T B
-        const float rqp = s1 * bpp + c1 * bqp, rqq = s1 * bpq + c1 * bqq;
-        const float npp = c2 * rpp - s2 * rpq, npq = s2 * rpp + c2 * rpq;  // columns: (J1^T B) J2
-        const float nqp = c2 * rqp - s2 * rqq, nqq = s2 * rqp + c2 * rqq;
+        const Real c1 = rot_c[P], s1 = rot_s[P], c2 = rot_c[Q], s2 = rot_s[Q];
+        const Real bpp = a[p1 * ld + p2], bpq = a[p1 * ld + q2];
+        const Real bqp = a[q1 * ld + p2], bqq = a[q1 * ld + q2];
+        const Real rpp = c1 * bpp - s1 * bqp, rpq = c1 * bpq - s1 * bqq;  // rows: J1^T B
+        const Real rqp = s1 * bpp + c1 * bqp, rqq = s1 * bpq + c1 * bqq;
+        const Real npp = c2 * rpp - s2 * rpq, npq = s2 * rpp + c2 * rpq;  // columns: (J1^T B) J2
+        const Real nqp = c2 * rqp - s2 * rqq, nqq = s2 * rqp + c2 * rqq;
         a[p1 * ld + p2] = npp;
         a[p2 * ld + p1] = npp;
         a[p1 * ld + q2] = npq;
@@ -138,8 +140,8 @@ extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, f
       for (int idx = threadIdx.x; idx < M * n; idx += blockDim.x) {
         const int k = idx / n, i = idx % n;
         const int p = rot_p[k], q = rot_q[k];
-        const float c = rot_c[k], s = rot_s[k];
-        const float vp = vt[p * ld + i], vq = vt[q * ld + i];
+        const Real c = rot_c[k], s = rot_s[k];
+        const Real vp = vt[p * ld + i], vq = vt[q * ld + i];
         vt[p * ld + i] = c * vp - s * vq;
         vt[q * ld + i] = s * vp + c * vq;
       }
@@ -149,10 +151,10 @@ extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, f
 
   // Ascending order: rank by (value, index), distinct for finite values.
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const float wi = a[i * ld + i];
+    const Real wi = a[i * ld + i];
     int r = 0;
     for (int j = 0; j < n; ++j) {
-      const float wj = a[j * ld + j];
+      const Real wj = a[j * ld + j];
       r += (wj < wi) || (wj == wi && j < i);
     }
     rank[i] = r;
@@ -163,6 +165,16 @@ extern "C" __global__ void tsv_jacobi_eigh_f32(const float* __restrict__ a_in, f
     const int row = idx / n, i = idx % n;
     v_out[mat * n * n + row * n + rank[i]] = vt[i * ld + row];
   }
+}
+
+extern "C" __global__ void tsv_jacobi_eigh_f32(const float* a_in, float* w_out, float* v_out, float* vt_scratch,
+                                               int n) {
+  tsv_jacobi_eigh<float>(a_in, w_out, v_out, vt_scratch, n);
+}
+
+extern "C" __global__ void tsv_jacobi_eigh_f64(const double* a_in, double* w_out, double* v_out,
+                                               double* vt_scratch, int n) {
+  tsv_jacobi_eigh<double>(a_in, w_out, v_out, vt_scratch, n);
 }
 
 #endif  // TSVMERGE_JACOBI_EIGH_CUH

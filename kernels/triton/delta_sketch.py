@@ -143,10 +143,11 @@ def delta_matmul_t(finetuned, base, y, *, out=None, input_precision="ieee"):
     return _launch(finetuned, base, y, y.shape[3], 0, True, out, input_precision)
 
 
-def delta_sketch(finetuned, base, c, seed, *, out=None, input_precision="ieee"):
-    """(theta_i - theta_0) @ Omega with Omega = sketch_omega(n, c, seed), never materialised -> fp32 [L, T, m, c]."""
+def delta_sketch(finetuned, base, c, seed, *, transposed=False, out=None, input_precision="ieee"):
+    """(theta_i - theta_0) @ Omega with Omega = sketch_omega(n, c, seed), never materialised -> fp32 [L, T, m, c];
+    transposed: (theta_i - theta_0)^T @ Omega with Omega = sketch_omega(m, c, seed) -> fp32 [L, T, n, c]."""
     _check_inputs(finetuned, base)
-    return _launch(finetuned, base, None, int(c), int(seed), False, out, input_precision)
+    return _launch(finetuned, base, None, int(c), int(seed), bool(transposed), out, input_precision)
 
 
 def sketch_omega(n, c, seed, device=None):

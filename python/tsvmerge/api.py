@@ -1,31 +1,35 @@
-"""The public API: merge, compress, decompress, interference."""
+"""`merge`, and the argument handling that `tsvc` (compress, decompress) and `sti`
+(interference) share with it: inputs, exclusions, dtypes, backends and their options."""
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import time
 
 import torch
 
 from . import __version__
-from .backends import get_backend
-from .engine import iter_batches, run_merge
-from .io import (TSVC_FORMAT, CompressedTask, InputError, SafetensorsWriter, ShardedWriter, TensorInfo,
-                 atomic_file, atomic_folder, open_checkpoint)
-from .io.checkpoint import DictCheckpoint
+from .backends import backend_class
+from .engine import run_merge
+from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
+                 model_writer, open_checkpoint, save_json, write_json)
+from .io.lora import LoraAdapter, is_adapter, lora_layouts
+from .io.lora_writer import adapter_writer
+from .io.model_files import carry_model_files
+from .io.names import align_names
 from .methods import get_method
-from .methods.tsv import concat_tasks, sti
-from .primitives import upcast
-from .plan import CLIP_PRESET, COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_groups, plan_merge
+from .warn import warn
+from .options import checked, finite_float, positive_int, resolve, split
+from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
 
-BACKEND_OPTIONS = ("svd", "oversample", "power_iters", "energy_estimate", "energy_target", "max_passes")
 PRESETS = {"clip": CLIP_PRESET}
+OUTPUT_FORMATS = ("model", "peft")
 DEFAULT_SHARD_SIZE = 5 * 1024**3
 REPORT_NAME = "tsvmerge_report.json"
 
 
-def _dtype(d) -> torch.dtype | None:
+def parse_dtype(d) -> torch.dtype | None:
     if d is None or isinstance(d, torch.dtype):
         return d
     name = str(d).replace("torch.", "")
@@ -36,10 +40,25 @@ def _dtype(d) -> torch.dtype | None:
     return out
 
 
-def _open_all(base, finetuned):
+def task_list(finetuned) -> list:
     if isinstance(finetuned, (str, os.PathLike, dict)):
         raise TypeError("finetuned must be a sequence of checkpoints (a list), not a single one")
-    base, tasks = open_checkpoint(base), [open_checkpoint(f) for f in finetuned]
+    return list(finetuned)
+
+
+def open_inputs(base, finetuned, trust_pickle: bool = False):
+    """The base and the task checkpoints, opened lazily, the tasks under the base's names
+    (`io.names`); PEFT LoRA adapter folders read as task vectors of the base (`io.lora`); TSV-C
+    tasks checked against the base."""
+    if is_adapter(base):
+        raise InputError(os.fspath(base), None, "is a PEFT adapter, not a base model: pass the model it was "
+                         "trained on as the base, and the adapter as a task")
+    base = open_checkpoint(base, trust_pickle)
+    tasks = [LoraAdapter(f, base, trust_pickle) if is_adapter(f) else align_names(open_checkpoint(f, trust_pickle), base)
+             for f in task_list(finetuned)]
+    if isinstance(base, CompressedTask):
+        raise InputError(base.source, None, "is a TSV-C file (a compressed task vector), not a base model: "
+                         "pass the base checkpoint it was made from")
     for task in tasks:
         why = task.base_mismatch(base) if isinstance(task, CompressedTask) else None
         if why:
@@ -47,284 +66,171 @@ def _open_all(base, finetuned):
     return base, tasks
 
 
-def _exclusions(exclude, preset):
+def input_warnings(base: Checkpoint, tasks: list, *, single: str | None = None) -> list[str]:
+    """What a user should know about the task list, by fingerprint (a few bytes per tensor,
+    computed for the report anyway): a task that is the base or equals it, a task given twice,
+    and `single` where only one task is given. Each is warned, and returned for the report."""
+    found = [single] if single and len(tasks) == 1 else []
+    base_fp, base_path = base.fingerprint(), _real(base.source)
+    first = {}
+    for i, task in enumerate(tasks):
+        label, fp = f"task {i + 1} ({task.source})", task.fingerprint()
+        if fp == base_fp:
+            what = "is the base itself" if _real(task.source) == base_path else "is identical to the base"
+            found.append(f"{label} {what} (same fingerprint): its task vector is zero")
+        if fp in first:
+            found.append(f"{label} is the same model as {first[fp]} (same fingerprint): it counts twice")
+        first.setdefault(fp, label)
+    for message in found:
+        warn(message)
+    return found
+
+
+def _real(source) -> str | None:
+    return os.path.realpath(source) if isinstance(source, str) and os.path.exists(source) else None
+
+
+def exclusions(exclude, preset) -> tuple:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if isinstance(exclude, str):
+        exclude = [exclude]
     return tuple(exclude) + (PRESETS[preset] if preset else ())
 
 
-def _backend(name, device, compute_dtype, seed, options):
-    return get_backend(name, device=device, compute_dtype=_dtype(compute_dtype) or torch.float32, seed=seed,
-                       **{k: options.pop(k) for k in BACKEND_OPTIONS if k in options})
+def make_backend(name, device, compute_dtype, seed, options: dict):
+    """The backend, with `options` checked against what it declares."""
+    cls = backend_class(name, device)
+    return cls(device=torch.device(device), compute_dtype=parse_dtype(compute_dtype) or torch.float32,
+               seed=seed, **options)
 
 
-def _split_options(method, options: dict) -> dict:
-    unknown = set(options) - set(method.options) - set(BACKEND_OPTIONS)
+def split_options(options: dict, method, backend_name: str, device) -> tuple[dict, dict]:
+    """(method options resolved to their declared defaults, backend options as given); a name
+    neither declares raises TypeError naming what both take."""
+    backend_options = backend_class(backend_name, device).OPTIONS
+    for_method, for_backend, unknown = split(options, method.options, backend_options)
     if unknown:
-        raise TypeError(f"method {method.name!r} got unknown option(s) {sorted(unknown)}; it takes "
-                        f"{sorted(method.options)} plus backend options {list(BACKEND_OPTIONS)}")
-    return {k: options[k] for k in method.options if k in options}
+        takes = sorted(o.name for o in method.options + backend_options)
+        raise TypeError(f"unknown option(s) {', '.join(sorted(unknown))} for method {method.name!r} on backend "
+                        f"{backend_name!r}; they take: {', '.join(takes) or 'none'}")
+    return resolve(method.options, for_method, f"method {method.name!r}"), for_backend
 
 
-def _write_json(path, obj):
-    with atomic_file(path) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+def claim_distinct(*outputs: Output | None) -> None:
+    """Two outputs of one run may not be one path, nor one inside the other."""
+    outs = [o for o in outputs if o is not None]
+    for i, a in enumerate(outs):
+        for b in outs[i + 1:]:
+            if a.path == b.path or a.path.startswith(b.path + os.sep) or b.path.startswith(a.path + os.sep):
+                raise OutputError(b.path, f"is also an output of this run ({a.path}): choose separate paths")
+
+
+def describe_inputs(checkpoints) -> list[dict]:
+    """The report's record of each input: where it came from, its fingerprint, how it was read."""
+    return [{"source": c.source, "fingerprint": c.fingerprint(), **({"notes": list(c.notes)} if c.notes else {}),
+             **({"touches": c.touches} if isinstance(c, LoraAdapter) else {})} for c in checkpoints]
 
 
 def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(), preset: str | None = None,
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          **options):
+          trust_pickle: bool = False, output_format: str = "model", **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
-    (TSV-C files from `compress` are accepted too). Without `out`, returns a dict of
-    merged tensors with the base's dtypes; with `out`, writes a model folder atomically
-    and returns the report. `report=FILE` also writes the JSON report there.
+    (TSV-C files from `compress` and PEFT LoRA adapter folders are accepted too). Without `out`,
+    returns a dict of merged tensors with the base's dtypes and names; with `out`, writes a model
+    folder and returns the report (a base folder's config and tokenizer files are carried over:
+    `io.model_files`); with `output_format="peft"` as well, the merged update as a PEFT LoRA
+    adapter folder instead (`io.lora_writer`; method tsv, and only matrices on the spectral path
+    may change). `report=FILE` also writes the JSON report there. Outputs are published
+    whole at the end (`io.publish`): an existing one is replaced only with `overwrite=True`,
+    and never an input. `trust_pickle` lets `.pt/.bin` files that hold whole pickled modules be
+    unpickled (it can run code). `options` are the method's and the backend's
+    (`tsvmerge.METHODS[name].options`, `backend.OPTIONS`).
     """
     start = time.perf_counter()
+    finetuned = task_list(finetuned)
+    alpha = checked("alpha", finite_float, alpha)
     m = get_method(method)
-    options = dict(options)
-    be = _backend(backend, device, compute_dtype, seed, options)
-    method_options = _split_options(m, options)
-    base_ckpt, tasks = _open_all(base, finetuned)
-    excluded = _exclusions(exclude, preset)
-    plan = plan_merge(base_ckpt, tasks, spectral=m.spectral, exclude=excluded, k=method_options.pop("k", None),
-                      batch_bytes=batch_bytes)
-    out_dtype = _dtype(out_dtype)
+    adapter_out = _adapter_output(output_format, out, m)
+    method_options, backend_options = split_options(options, m, backend, device)
+    be = make_backend(backend, device, compute_dtype, seed, backend_options)
+    shard_size = checked("shard_size", positive_int, shard_size)
+    batch_bytes = checked("batch_bytes", positive_int, batch_bytes)
+    out_dtype = parse_dtype(out_dtype)
+    inputs = input_paths([base, *finetuned])
+    out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
+    report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
+    claim_distinct(out_t, report_t)
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
+    excluded = exclusions(exclude, preset)
+    k = method_options.pop("k", None)
+    rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
+    plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
     infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
              for n, p in plan.tensors.items()}
-    meta = {"method": method, "alpha": alpha, "options": method_options, "exclude": list(excluded),
-            "backend": be.describe(), "tsvmerge_version": __version__,
-            "inputs": [{"source": c.source, "fingerprint": c.fingerprint()} for c in [base_ckpt] + tasks]}
+    meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
+            "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
+            "inputs": describe_inputs([base_ckpt] + tasks)}
+    warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
+                           "(times alpha) to the base, there is nothing to merge it with")
 
-    def finish(entries):
-        rep = {**meta, "tensors": entries, "summary": _summary(entries, time.perf_counter() - start)}
-        if report:
-            _write_json(report, rep)
-        return rep
+    def run(write, carried=None, adapter=None):
+        entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
+                            progress=progress, updates=adapter is not None)
+        return {**meta, **({} if carried is None else {"carried": carried}),
+                **({} if adapter is None else {"adapter": adapter.summary()}), "warnings": warned,
+                "backend": be.describe(), "tensors": entries,
+                "summary": _summary(entries, time.perf_counter() - start)}
 
-    if out is None:
+    if out_t is None:
         merged = {}
-        entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=merged.__setitem__,
-                            out_dtype=out_dtype, progress=progress)
-        finish(entries)
+        rep = run(merged.__setitem__)
+        if report_t:
+            save_json(report_t, rep)
         return merged
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, infos, shard_size, {"format": "pt", "tsvmerge": json.dumps(meta)})
-        try:
-            entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=writer.write,
-                                out_dtype=out_dtype, progress=progress)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-        rep = finish(entries)
-        _write_json(os.path.join(tmp, REPORT_NAME), rep)
+    if adapter_out:
+        plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
+        with adapter_writer(out_t, lora_layouts(tasks), _path_of(base), also=(report_t,)) as writer:
+            rep = run(lambda name, update: writer.write(name, update, infos[name].dtype), adapter=writer)
+            write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+            if report_t:
+                write_json(writer.also[0], rep)
+        return rep
+    with model_writer(out_t, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
+                      also=(report_t,)) as writer:
+        rep = run(writer.write, carry_model_files(base, writer.folder))
+        write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+        if report_t:
+            write_json(writer.also[0], rep)
     return rep
+
+
+def _adapter_output(output_format: str, out, method) -> bool:
+    """Whether the output is a PEFT adapter; refuses what cannot be one before any work."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
+    if output_format != "peft":
+        return False
+    if out is None:
+        raise ValueError("output format peft writes an adapter folder: pass out (-o)")
+    if not method.spectral:
+        raise ValueError(f"output format peft: method {method.name} makes no low-rank update (it combines the task "
+                         "vectors entry by entry), so its result cannot be a LoRA: use method tsv")
+    return True
+
+
+def _path_of(src) -> str | None:
+    return os.path.abspath(src) if isinstance(src, (str, os.PathLike)) else None
 
 
 def _summary(entries: dict, wall: float) -> dict:
     paths = [e["path"] for e in entries.values()]
     energies = [e["energy"] for e in entries.values() if "energy" in e]
-    return {"tensors": len(entries), **{p: paths.count(p) for p in ("spectral", "mean", "copy")},
+    return {"tensors": len(entries), **{p: paths.count(p) for p in (SPECTRAL, DENSE, COPY)},
             "fallbacks": [n for n, e in entries.items() if "note" in e],
             "min_energy": min(energies) if energies else None,
             "capped": {n: e["energy"] for n, e in entries.items() if e.get("capped")}, "wall_s": round(wall, 3)}
-
-
-def interference(base, finetuned, *, exclude=(), preset: str | None = None, backend: str = "auto",
-                 device: str = "cpu", compute_dtype="float32", k: int | None = None,
-                 orthogonalize: str = "procrustes", seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                 progress: bool | None = None, report: str | None = None, **options) -> dict:
-    """Singular Task Interference per spectral tensor, before and after orthogonalisation,
-    and the T x T task-pair overlaps ||U_i^T U_j||_F / sqrt(k) (likewise V; the diagonal is 1)."""
-    options = dict(options)
-    be = _backend(backend, device, compute_dtype, seed, options)
-    if options:
-        raise TypeError(f"interference got unknown option(s) {sorted(options)}")
-    base_ckpt, tasks = _open_all(base, finetuned)
-    plan = plan_merge(base_ckpt, tasks, spectral=True, exclude=_exclusions(exclude, preset), k=k,
-                      batch_bytes=batch_bytes)
-    T = len(tasks)
-    out = {}
-    for loaded in iter_batches(plan, be, [b for b in plan.batches if b.path == SPECTRAL], "interference", progress):
-        kk = plan.tensors[loaded.batch.names[0]].k
-        svd = loaded.svd or be.task_svd(loaded.tau, None, kk)
-        u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
-        gu, gv = be.factor_gram(u, kk), be.factor_gram(v, kk)
-        before = sti(gu, s, gv)
-        uo, vo = be.orthogonalize(u, orthogonalize, kk, gu), be.orthogonalize(v, orthogonalize, kk, gv)
-        after = sti(be.factor_gram(uo), s, be.factor_gram(vo))
-        overlap_u, overlap_v = (_pair_overlap(g, T, kk) for g in (gu, gv))
-        for l, name in enumerate(loaded.batch.names):
-            out[name] = {"k": kk, "sti": float(before[l]), "sti_orthogonalized": float(after[l]),
-                         "overlap_u": overlap_u[l].tolist(), "overlap_v": overlap_v[l].tolist()}
-    rep = {"tasks": [t.source for t in tasks], "base": base_ckpt.source, "orthogonalize": orthogonalize,
-           "backend": be.describe(), "tensors": out}
-    if report:
-        _write_json(report, rep)
-    return rep
-
-
-def _pair_overlap(g: torch.Tensor, T: int, k: int) -> torch.Tensor:
-    """[L, Tk, Tk] Gram -> [L, T, T] block Frobenius norms / sqrt(k)."""
-    L = g.shape[0]
-    return torch.linalg.matrix_norm(g.reshape(L, T, k, T, k).transpose(2, 3)) / math.sqrt(k)
-
-
-def compression_rank(shape, rank) -> int:
-    """Per-tensor kept rank: a float in (0, 1] is a fraction of min(m, n), an int is absolute."""
-    r = min(shape)
-    if isinstance(rank, float):
-        if not 0.0 < rank <= 1.0:
-            raise ValueError(f"rank as a fraction must be in (0, 1], got {rank}")
-        return max(1, math.ceil(rank * r))
-    if int(rank) < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    return min(int(rank), r)
-
-
-def saves_space(shape, k: int) -> bool:
-    """A rank-k factorisation of m x n stores k(m+n+1) numbers: smaller iff k < mn/(m+n+1)."""
-    m, n = shape
-    return k * (m + n + 1) < m * n
-
-
-def compress(base, finetuned_one, *, rank=0.1, out=None, exclude=(), preset: str | None = None,
-             backend: str = "reference", device: str = "cpu", compute_dtype="float32", seed: int = 0,
-             batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None, **options):
-    """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
-
-    With `out` (a .safetensors path) writes the file atomically and returns its report;
-    without, returns an in-memory `CompressedTask` (usable wherever a task is accepted).
-    Tensors where a factorisation would not save space are stored dense.
-    """
-    options = dict(options)
-    be = _backend(backend, device, compute_dtype, seed, options)
-    if options:
-        raise TypeError(f"compress got unknown option(s) {sorted(options)}")
-    base_ckpt, (task,) = _open_all(base, [finetuned_one])
-    plan = plan_merge(base_ckpt, [task], spectral=True, exclude=_exclusions(exclude, preset),
-                      batch_bytes=batch_bytes)
-    ranks = {}
-    for name, tp in plan.tensors.items():
-        if tp.path == SPECTRAL:
-            k = compression_rank(tp.info.shape, rank)
-            if saves_space(tp.info.shape, k):
-                ranks[name] = k
-            else:
-                tp.path, tp.note = "mean", f"rank {k} would not save space: stored dense"
-    task_infos = task.infos()
-    layout = {}
-    for name, tp in plan.tensors.items():
-        dtype = task_infos[name].dtype
-        if name in ranks:
-            (m, n), k = tp.info.shape, ranks[name]
-            layout.update({f"{name}.tsvc_u": TensorInfo((m, k), dtype), f"{name}.tsvc_s": TensorInfo((k,), dtype),
-                           f"{name}.tsvc_v": TensorInfo((n, k), dtype)})
-        else:
-            layout[name] = TensorInfo(tp.info.shape, dtype)
-    meta = {"format": TSVC_FORMAT, "tsvmerge_version": __version__, "rank": str(rank),
-            "spectral": json.dumps({n: list(plan.tensors[n].info.shape) for n in ranks}),
-            "raw": json.dumps([n for n, tp in plan.tensors.items() if tp.path == COPY]),
-            "base_fingerprint": base_ckpt.fingerprint()}
-    entries, stored = {}, {}
-
-    def run(write):
-        # Re-batch with the per-tensor ranks: tensors of one shape share one k.
-        for tp in plan.tensors.values():
-            tp.k = ranks.get(tp.name, 0)
-        batches = plan_groups(plan.tensors, 1, batch_bytes)
-        for loaded in iter_batches(plan, be, batches, "compress", progress):
-            _compress_batch(loaded, plan, be, task, write, entries)
-
-    if out is None:
-        run(stored.__setitem__)
-        result = CompressedTask(DictCheckpoint(stored, source="<compressed>"), meta)
-        result.report = _compress_report(entries, meta)
-        return result
-    with atomic_file(out) as tmp:
-        writer = SafetensorsWriter(tmp, layout, meta)
-        try:
-            run(writer.write)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-    return _compress_report(entries, meta)
-
-
-def _compress_batch(loaded, plan, be, task, write, entries):
-    names = loaded.batch.names
-    if loaded.batch.path == COPY:
-        for name in names:  # non-floating tensors are kept as the fine-tune has them
-            write(name, task.read(name))
-            entries[name] = {"path": "copy"}
-        return
-    tau = loaded.tau[:, 0]                                     # [L, *shape]
-    if loaded.batch.path != SPECTRAL:
-        for l, name in enumerate(names):
-            write(name, tau[l].to(task.infos()[name].dtype).cpu())
-            entries[name] = {"path": "dense", "numbers": tau[l].numel(), "dense_numbers": tau[l].numel()}
-            if plan.tensors[name].note:
-                entries[name]["note"] = plan.tensors[name].note
-        return
-    k = plan.tensors[names[0]].k
-    svd = be.task_svd(loaded.tau, None, k)
-    total = tau.double().pow(2).flatten(1).sum(1)
-    for l, name in enumerate(names):
-        dtype = task.infos()[name].dtype
-        write(f"{name}.tsvc_u", svd.u[l, 0].to(dtype).cpu())
-        write(f"{name}.tsvc_s", svd.s[l, 0].to(dtype).cpu())
-        write(f"{name}.tsvc_v", svd.v[l, 0].to(dtype).cpu())
-        m, n = plan.tensors[name].info.shape
-        kept = float(svd.s[l, 0].double().pow(2).sum())
-        entries[name] = {"path": "factored", "k": k, "numbers": k * (m + n + 1), "dense_numbers": m * n,
-                         "tail_energy": max(0.0, 1.0 - kept / float(total[l])) if total[l] > 0 else 0.0}
-
-
-def _compress_report(entries, meta) -> dict:
-    stored = sum(e.get("numbers", 0) for e in entries.values())
-    dense = sum(e.get("dense_numbers", 0) for e in entries.values())
-    return {"format": meta["format"], "rank": meta["rank"], "tensors": entries,
-            "summary": {"stored_numbers": stored, "dense_numbers": dense,
-                        "ratio": stored / dense if dense else 1.0,
-                        "factored": sum(e["path"] == "factored" for e in entries.values())}}
-
-
-def decompress(base, compressed, *, out=None, out_dtype=None, overwrite: bool = False,
-               progress: bool | None = None):
-    """Rebuild theta_i ~= theta_0 + U diag(s) V^T from a TSV-C task (dense tensors added back)."""
-    base_ckpt, (task,) = _open_all(base, [compressed])
-    if not isinstance(task, CompressedTask):
-        raise InputError(task.source, None, "is not a TSV-C file (written by tsvmerge compress)")
-    plan = plan_merge(base_ckpt, [task], spectral=False)
-    raw = set(json.loads(task.metadata.get("raw", "[]")))
-    out_dtype = _dtype(out_dtype)
-
-    def tensors():
-        for name, tp in plan.tensors.items():
-            if name in raw:
-                yield name, task.read(name)
-                continue
-            theta = upcast(base_ckpt.read(name)) + upcast(task.read(name))
-            yield name, theta.to(out_dtype or tp.info.dtype)
-
-    if out is None:
-        return dict(tensors())
-    stored = task.infos()
-    infos = {n: stored[n] if n in raw else TensorInfo(p.info.shape, out_dtype or p.info.dtype)
-             for n, p in plan.tensors.items()}
-    with atomic_folder(out, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, infos, DEFAULT_SHARD_SIZE, {"format": "pt", "tsvmerge": "decompressed"})
-        try:
-            for name, t in tensors():
-                writer.write(name, t)
-        except BaseException:
-            writer.abort()
-            raise
-        writer.close()
-    return {"out": os.path.abspath(out), "tensors": len(infos)}

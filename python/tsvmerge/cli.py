@@ -3,44 +3,103 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import traceback
+import warnings
 
 from . import __version__
-from .backends import BACKENDS
+from .backends import BACKENDS, importable_options
+from .methods import METHODS
+from .io import InputError, OutputError
+from .warn import TsvmergeWarning
+from .options import add_flags, finite_float, given_flags
+from .signals import handled
 from .zoo import SPECTRA
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT = 0, 1, 2
 _UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (the usage is in --help), exit 2."""
+
+    def error(self, message):
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GB, 500MB, 1GiB)")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) * _UNITS[m.group(2).upper()] < 1:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2GB, 500MB, 1GiB; at least 1 byte)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def parse_rank(text: str):
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) and "." not in text else value
-
-
-def _energy_target(text: str):
-    """A fraction in (0, 1], or 'none' for the fixed schedule."""
-    if text.lower() == "none":
-        return "none"
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"energy target must be in (0, 1] or 'none', not {text}")
+    """0.1 is a fraction of min(m, n), 32 an absolute rank."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a rank: {text!r} (a fraction like 0.1 or a whole number like 32)")
+    if "." not in text and "e" not in text.lower() and value == int(value):
+        value = int(value)
+    if not (0 < value <= 1 or (isinstance(value, int) and value >= 1)):
+        raise argparse.ArgumentTypeError(f"not a rank: {text!r} (a fraction in (0, 1] or a whole number >= 1)")
     return value
+
+
+def parse_alpha(text: str) -> float:
+    try:
+        return finite_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
+
+
+def whole_number(low: int):
+    """A whole number >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"not a whole number >= {low}: {text!r}")
+        return value
+    return parse
+
+
+def _declared(kind: str, declarations: dict) -> tuple[list, dict]:
+    """Options that several methods (or backends) declare, once each (the same declaration),
+    and who declares each, for the help text."""
+    options, owners = {}, {}
+    for owner, declared in declarations.items():
+        for o in declared:
+            if options.setdefault(o.name, o) != o:
+                raise RuntimeError(f"option {o.name} is declared twice, differently")  # a programming error
+            owners.setdefault(o.name, []).append(owner)
+    return list(options.values()), {name: f"{kind} {'/'.join(who)}" for name, who in owners.items()}
+
+
+BACKEND_FLAGS = _declared("backend", importable_options())
+METHOD_FLAGS = _declared("method", {m.name: m.options for m in METHODS.values()})
+
+
+TRUST_HELP = ("unpickle .pt/.bin files that hold whole pickled modules (as the TSV paper's checkpoints do) and "
+              "take their state_dict(); this can run code from the file: use it only for files you trust")
+
+
+PEFT_HELP = ("model: a model folder (default); peft: the merged update as a PEFT LoRA adapter folder that "
+             "PeftModel.from_pretrained(base, folder) loads (method tsv; only matrices on the spectral path may change)")
 
 
 def _common(p, *, task_list=True):
     p.add_argument("base", help="base checkpoint: .safetensors, .pt/.bin, or a model folder")
     if task_list:
-        p.add_argument("finetuned", nargs="+", help="fine-tuned checkpoints (or TSV-C files)")
+        p.add_argument("finetuned", nargs="+", help="fine-tuned checkpoints (or TSV-C files, or PEFT LoRA adapter folders)")
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="keep matching 2-D tensors off the spectral path (substring, or glob with * ? [); repeatable")
     p.add_argument("--preset", choices=["clip"], help="clip: the paper's semantics (exclude 'text_projection')")
@@ -48,54 +107,49 @@ def _common(p, *, task_list=True):
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", help="compute dtype (float32, bfloat16, float64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    p.add_argument("--svd", choices=["randomized", "exact"], help="SVD on the fast backends")
-    p.add_argument("--power-iters", type=int, help="power iterations of the randomized SVD")
-    p.add_argument("--oversample", type=int, help="oversampling of the randomized SVD")
-    p.add_argument("--energy-target", type=_energy_target, metavar="FRACTION",
-                   help="randomized SVD: add Krylov blocks to each task matrix until a bound on its captured "
-                   "energy reaches this (default 0.995; 'none': the fixed schedule of --power-iters)")
-    p.add_argument("--max-passes", type=int, help="randomized SVD: cap on passes over each task matrix (default 9)")
-    p.add_argument("--batch-size", type=parse_size, default=None, metavar="BYTES",
+    p.add_argument("--batch-memory", type=parse_size, default=None, metavar="SIZE",
                    help="memory budget of one batch of layers x tasks (default 1GiB)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    add_flags(p, *BACKEND_FLAGS)
 
 
 def _engine_kwargs(a) -> dict:
     kw = {"exclude": a.exclude, "preset": a.preset, "backend": a.backend, "device": a.device,
-          "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True}
-    for key in ("svd", "power_iters", "oversample", "max_passes"):
-        if getattr(a, key) is not None:
-            kw[key] = getattr(a, key)
-    if a.energy_target is not None:
-        kw["energy_target"] = None if a.energy_target == "none" else a.energy_target
-    if a.batch_size:
-        kw["batch_bytes"] = a.batch_size
+          "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True,
+          "trust_pickle": a.trust_pickle,
+          **given_flags(a, BACKEND_FLAGS[0])}
+    if a.batch_memory:
+        kw["batch_bytes"] = a.batch_memory
     return kw
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tsvmerge", description="Merge, compress and analyse fine-tuned "
-                                     "checkpoints with Task Singular Vectors.")
+    parser = _Parser(prog="tsvmerge", description="Merge, compress and analyse fine-tuned "
+                     "checkpoints with Task Singular Vectors.")
     parser.add_argument("--version", action="version", version=f"tsvmerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("merge", help="merge fine-tuned checkpoints into the base")
     _common(p)
-    p.add_argument("-o", "--out", required=True, help="output model folder (written atomically)")
-    p.add_argument("--method", default="tsv", help="tsv, task_arithmetic, average, ties")
-    p.add_argument("--alpha", type=float, default=1.0, help="scale of the update (default 1.0)")
-    p.add_argument("--orthogonalize", choices=["procrustes", "whiten"], help="tsv: how to orthogonalise")
-    p.add_argument("--k", type=int, help="tsv: per-task rank (default floor(r/T))")
-    p.add_argument("--density", type=float, help="ties: fraction of entries kept per task")
+    p.add_argument("-o", "--out", required=True, help="output model folder (published whole at the end)")
+    p.add_argument("--method", default="tsv", help=", ".join(METHODS))
+    p.add_argument("--alpha", type=parse_alpha, default=1.0, help="scale of the update (default 1.0)")
+    add_flags(p, *METHOD_FLAGS)
     p.add_argument("--out-dtype", help="dtype of the merged floating tensors (default: the base's)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (default 5GB)")
     p.add_argument("--report", help="also write the JSON report here")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder and report")
+    p.add_argument("--output-format", choices=["model", "peft"], default="model", help=PEFT_HELP)
 
     p = sub.add_parser("compress", help="TSV-C: store a task vector as low-rank factors")
     _common(p, task_list=False)
     p.add_argument("finetuned", help="the fine-tuned checkpoint to compress")
-    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
+    p.add_argument("-o", "--out", required=True,
+                   help="output .safetensors file, or a folder (existing, or ending in /) to write "
+                   "NAME.tsvc.safetensors in")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--rank", type=parse_rank, default=0.1,
                    help="kept rank: a fraction of min(m, n) like 0.1, or an absolute rank like 32")
 
@@ -104,96 +158,145 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("compressed")
     p.add_argument("-o", "--out", required=True, help="output model folder")
     p.add_argument("--out-dtype")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--output-format", choices=["model", "peft"], default="model",
+                   help="model: the rebuilt fine-tune (default); peft: its factored tensors as a PEFT LoRA adapter "
+                        "folder (only those may differ from the base)")
+
+    p = sub.add_parser("convert", help="write a checkpoint once as a .safetensors file (no unpickling later)")
+    p.add_argument("checkpoint", help=".pt/.bin file, .safetensors file or model folder")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("interference", help="Singular Task Interference per tensor and task-pair overlaps")
     _common(p)
-    p.add_argument("--k", type=int, help="per-task rank (default floor(r/T))")
+    add_flags(p, METHODS["tsv"].options, {o.name: "as in method tsv" for o in METHODS["tsv"].options})
     p.add_argument("--report", help="write the full JSON (with T x T overlaps) here")
-    p.add_argument("--plot", help="write a PNG: STI per tensor and the mean task-pair overlap")
-    p.add_argument("--top", type=int, default=10, help="rows to print")
+    p.add_argument("--plot", help="write a picture (png, pdf, svg): STI per tensor and the mean task-pair overlap")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report or plot")
+    p.add_argument("--top", type=whole_number(0), default=10, help="rows to print")
 
     p = sub.add_parser("inspect", help="summarise a checkpoint, TSV-C file or merged folder")
     p.add_argument("path")
+    p.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
 
     p = sub.add_parser("zoo", help="write a synthetic zoo (base + fine-tunes with ViT shapes)")
     p.add_argument("out", help="folder to write")
     p.add_argument("--arch", default="ViT-B-32", help="ViT-B-32, ViT-B-16 or ViT-L-14")
-    p.add_argument("--tasks", type=int, default=8)
-    p.add_argument("--layers", type=int, help="override the number of transformer blocks")
+    p.add_argument("--tasks", type=whole_number(1), default=8)
+    p.add_argument("--layers", type=whole_number(0), help="override the number of transformer blocks")
     p.add_argument("--spectrum", default="powerlaw", choices=SPECTRA)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+
+    p = sub.add_parser("config-dir", help="print the folder of configs shipped for another tool")
+    p.add_argument("tool", choices=["fusion_bench"], help="fusion_bench: its Hydra --config-dir")
 
     # listed for --help; `main` hands everything after `demo` to tsvmerge.demo
     sub.add_parser("demo", help="the built-in example: synthetic zoo merge, then the accuracy benchmark")
+    for p in sub.choices.values():
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error")
     return parser
+
+
+def _print_notes(inputs: list) -> None:
+    for entry in inputs:
+        for note in entry.get("notes", ()):
+            print(f"  note: {entry['source']}: {note}")
+
+
+def _print_adapter(adapter) -> None:
+    if adapter is None:
+        return
+    ranks = adapter["ranks"]
+    print(f"  written as a PEFT LoRA adapter: {len(ranks)} modules, rank "
+          f"{min(ranks.values(), default=0)}..{max(ranks.values(), default=0)}")
+    if adapter.get("assumed_linear"):
+        print(f"  note: no input adapter gave the layer type of {len(adapter['assumed_linear'])} modules: written as "
+              "nn.Linear weights [out, in]")
+
+
+def _print_carried(carried) -> None:
+    if carried:
+        print(f"  carried from the base folder: {', '.join(carried)}")
 
 
 def _print_merge(rep: dict, out: str) -> None:
     s = rep["summary"]
     print(f"merged {s['tensors']} tensors with {rep['method']} on backend {rep['backend']['backend']} "
           f"({rep['backend']['device']}) in {s['wall_s']:.2f} s -> {out}")
-    print(f"  spectral {s['spectral']}, mean {s['mean']}, copied {s['copy']}")
+    print(f"  spectral {s['spectral']}, dense {s['dense']}, copied {s['copy']}")
     if s.get("min_energy") is not None:
         print(f"  captured energy, a bound that errs low (min over spectral tensors): {s['min_energy']:.4f}")
     for name, bound in s.get("capped", {}).items():
         print(f"  capped: {name} stopped at --max-passes with captured energy >= {bound:.4f}")
     for name in s["fallbacks"]:
         print(f"  note: {name}: {rep['tensors'][name]['note']}")
+    _print_notes(rep["inputs"])
+    _print_carried(rep.get("carried"))
 
 
 def _cmd_merge(a) -> int:
     from . import merge
-    kw = _engine_kwargs(a)
-    for key in ("orthogonalize", "k", "density"):
-        if getattr(a, key) is not None:
-            kw[key] = getattr(a, key)
+    kw = {**_engine_kwargs(a), **given_flags(a, METHOD_FLAGS[0])}
     rep = merge(a.base, a.finetuned, method=a.method, alpha=a.alpha, out=a.out, out_dtype=a.out_dtype,
-                shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, **kw)
+                shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, output_format=a.output_format, **kw)
     _print_merge(rep, a.out)
+    _print_adapter(rep.get("adapter"))
     return EXIT_OK
 
 
 def _cmd_compress(a) -> int:
     from . import compress
-    rep = compress(a.base, a.finetuned, rank=a.rank, out=a.out, **_engine_kwargs(a))
+    rep = compress(a.base, a.finetuned, rank=a.rank, out=a.out, overwrite=a.overwrite, **_engine_kwargs(a))
     s = rep["summary"]
-    print(f"compressed {a.finetuned} -> {a.out}: {s['factored']} tensors factored, "
+    print(f"compressed {a.finetuned} -> {rep['out']}: {s['factored']} tensors factored, "
           f"{s['stored_numbers']:,} of {s['dense_numbers']:,} numbers ({100 * s['ratio']:.1f}%)")
     return EXIT_OK
 
 
 def _cmd_decompress(a) -> int:
     from . import decompress
-    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite)
+    rep = decompress(a.base, a.compressed, out=a.out, out_dtype=a.out_dtype, overwrite=a.overwrite,
+                     trust_pickle=a.trust_pickle, output_format=a.output_format)
     print(f"decompressed {rep['tensors']} tensors -> {rep['out']}")
+    _print_carried(rep.get("carried"))
+    _print_adapter(rep.get("adapter"))
+    return EXIT_OK
+
+
+def _cmd_convert(a) -> int:
+    from . import convert
+    rep = convert(a.checkpoint, a.out, trust_pickle=a.trust_pickle, overwrite=a.overwrite)
+    print(f"converted {rep['tensors']} tensors: {rep['source']} -> {rep['out']}")
+    _print_notes([rep])
     return EXIT_OK
 
 
 def _cmd_interference(a) -> int:
     from . import interference
-    kw = _engine_kwargs(a)
-    if a.k is not None:
-        kw["k"] = a.k
-    rep = interference(a.base, a.finetuned, report=a.report, **kw)
+    kw = {**_engine_kwargs(a), **given_flags(a, METHODS["tsv"].options)}
+    rep = interference(a.base, a.finetuned, report=a.report, plot=a.plot, overwrite=a.overwrite, **kw)
     rows = sorted(rep["tensors"].items(), key=lambda kv: -kv[1]["sti"])
     print(f"{'tensor':60s} {'k':>5s} {'STI':>12s} {'after':>10s}")
     for name, e in rows[: a.top]:
         print(f"{name[-60:]:60s} {e['k']:5d} {e['sti']:12.4g} {e['sti_orthogonalized']:10.2g}")
     if a.plot:
-        from .report import plot_interference
-        plot_interference(rep, a.plot)
         print(f"plot -> {a.plot}")
     return EXIT_OK
 
 
 def _cmd_inspect(a) -> int:
     from .io import CompressedTask, open_checkpoint
-    ckpt = open_checkpoint(a.path)
+    ckpt = open_checkpoint(a.path, a.trust_pickle)
     infos = ckpt.infos()
     total = sum(i.numel for i in infos.values())
     dtypes = sorted({str(i.dtype).replace("torch.", "") for i in infos.values()})
     print(f"{ckpt.source}: {len(infos)} tensors, {total:,} numbers, dtypes {', '.join(dtypes)}")
+    for note in ckpt.notes:
+        print(f"  note: {note}")
     by_shape: dict = {}
     for info in infos.values():
         by_shape[info.shape] = by_shape.get(info.shape, 0) + 1
@@ -205,42 +308,76 @@ def _cmd_inspect(a) -> int:
               if ranks else "  TSV-C: no factored tensors")
     report = os.path.join(a.path, "tsvmerge_report.json") if os.path.isdir(a.path) else None
     if report and os.path.exists(report):
-        with open(report) as f:
-            rep = json.load(f)
-        print(f"  merged by tsvmerge {rep['tsvmerge_version']}: method {rep['method']}, alpha {rep['alpha']}, "
-              f"backend {rep['backend']['backend']}, {rep['summary']}")
+        try:
+            with open(report) as f:
+                rep = json.load(f)
+            print(f"  merged by tsvmerge {rep['tsvmerge_version']}: method {rep['method']}, alpha {rep['alpha']}, "
+                  f"backend {rep['backend']['backend']}, {rep['summary']}")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(report, None, f"is not a tsvmerge report ({type(e).__name__}: {e})") from None
     return EXIT_OK
 
 
 def _cmd_zoo(a) -> int:
     from .zoo import make_zoo
-    zoo = make_zoo(a.out, arch=a.arch, tasks=a.tasks, layers=a.layers, seed=a.seed, spectrum=a.spectrum)
+    zoo = make_zoo(a.out, arch=a.arch, tasks=a.tasks, layers=a.layers, seed=a.seed, spectrum=a.spectrum,
+                   overwrite=a.overwrite)
     print(f"zoo: base {zoo.base}, {len(zoo.finetuned)} fine-tunes in {a.out}")
     return EXIT_OK
 
 
-COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress,
-            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo}
+def _cmd_config_dir(a) -> int:
+    from .integrations import config_dir
+    print(config_dir(a.tool))
+    return EXIT_OK
+
+
+COMMANDS = {"merge": _cmd_merge, "compress": _cmd_compress, "decompress": _cmd_decompress, "convert": _cmd_convert,
+            "interference": _cmd_interference, "inspect": _cmd_inspect, "zoo": _cmd_zoo, "config-dir": _cmd_config_dir}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
-        return demo_main(argv[1:])
+        rest = [x for x in argv[1:] if x != "--debug"]
+        return _run("tsvmerge demo", lambda: demo_main(rest), "--debug" in argv)
     args = build_parser().parse_args(argv)
-    from .io import InputError
-    try:
-        return COMMANDS[args.command](args)
-    except (InputError, FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f"tsvmerge {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
-    except (RuntimeError, FloatingPointError) as e:
-        print(f"tsvmerge {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"tsvmerge {args.command}: interrupted; no output was written", file=sys.stderr)
-        return 130
+    return _run(f"tsvmerge {args.command}", lambda: COMMANDS[args.command](args), args.debug)
+
+
+def _run(prog: str, command, debug: bool) -> int:
+    """Run a command: warnings as one line each, stopping signals as Ctrl-C, every error as
+    one line (the traceback only with --debug) and its exit code."""
+    def error(message: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        one_line = re.sub(r"\s*\n\s*", " ", message.strip())
+        print(f"{prog}: {one_line}", file=sys.stderr)
+        return code
+
+    with warnings.catch_warnings(), handled(prog):
+        warnings.simplefilter("always", TsvmergeWarning)
+        show = warnings.showwarning
+        warnings.showwarning = lambda message, category, *rest: (
+            print(f"{prog}: warning: {message}", file=sys.stderr) if category is TsvmergeWarning
+            else show(message, category, *rest))
+        try:
+            return command()
+        except KeyboardInterrupt as e:
+            name = e.args[0] if e.args else "SIGINT"
+            done = " after the output was published: it is complete" if getattr(e, "published", False) \
+                else "; nothing was written"
+            return error(f"interrupted ({name}){done}", 128 + getattr(e, "signum", 2))
+        except (InputError, OutputError, ValueError, TypeError) as e:
+            return error(f"error: {e}", EXIT_INPUT)
+        except OSError as e:
+            if e.filename is None:
+                return error(f"internal error: {e} (please report this; --debug shows where)", EXIT_FAILED)
+            return error(f"error: {e.filename}: {e.strerror or e}", EXIT_INPUT)
+        except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
+            return error(f"internal error: {type(e).__name__}: {e} (please report this; --debug shows where)",
+                         EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""CUDA kernels of the cuda backend: batched Jacobi eigh and Cholesky-QR2 with a shifted retry.
+"""CUDA kernels of the cuda backend: batched Jacobi eigh (fp32, fp64) and Cholesky-QR with a
+shifted retry.
 
-The kernels live in `kernels/cuda/*.cuh` (installed as `tsvmerge/kernels/cuda`). A build with
-CUDA launches them from `tsvmerge._C`; a build without it falls back to CuPy, which compiles
-the same sources at run time (NVRTC). Either way tensors cross as device pointers and the
-kernels run on torch's current stream.
+The kernels live in `kernels/cuda/*.cuh` (`tsvmerge.kernels`). A build with CUDA launches them
+from `tsvmerge._C`; a build without it falls back to CuPy, which compiles the same sources at
+run time (NVRTC). Either way tensors cross as device pointers, the kernels run on torch's
+current stream, and the launch geometry is `csrc/launch_geometry.h`'s, read through
+`tsvmerge._C` (which every build has).
 """
 from __future__ import annotations
 
@@ -13,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MAX_SIZE = 128  # largest n for batched_eigh and c for cholesky_qr2 (TSV_EIGH_MAX_N, TSV_CHOLQR_MAX_C)
-
-# Route codes of cholesky_qr2, per matrix (TSV_CHOL_* in cholesky_qr.cuh, plus the fallback).
-ROUTE_CHOLQR2, ROUTE_SHIFTED_CHOLQR3, ROUTE_HOUSEHOLDER = 0, 1, 2
-ROUTE_NAMES = ("cholqr2", "shifted_cholqr3", "householder")
+# Route codes of cholesky_qr, per matrix (TSV_CHOL_* in cholesky_qr.cuh, plus the fallback).
+ROUTE_CHOLESKY, ROUTE_SHIFTED, ROUTE_HOUSEHOLDER = 0, 1, 2
+ROUTE_NAMES = ("cholesky_qr", "shifted_cholesky_qr", "householder")
+EIGH_DTYPES = (torch.float32, torch.float64)
 
 _DEFAULT_SMEM = 48 * 1024  # above this a kernel must opt in to more dynamic shared memory
 
@@ -29,13 +30,19 @@ def kernel_dir() -> Path:
     return Path(tsvmerge.kernels.__file__).parent / "cuda"
 
 
+def native():
+    """tsvmerge._C: the launch geometry in every build, the compiled launchers in a CUDA build."""
+    from tsvmerge import _C
+
+    return _C
+
+
 def compiled_with_cuda() -> bool:
     """Whether tsvmerge._C was built with the CUDA kernels."""
     try:
-        from tsvmerge import _C
+        return bool(native().build_info()["cuda"])
     except ImportError:
         return False
-    return bool(_C.build_info()["cuda"])
 
 
 def cupy_importable() -> bool:
@@ -51,25 +58,14 @@ def available() -> bool:
     return torch.cuda.is_available() and (compiled_with_cuda() or cupy_importable())
 
 
-# -- launch geometry: the same numbers as csrc/cuda_ops.cu ------------------------------------
-def eigh_launch(n: int) -> tuple[int, int]:
-    """(threads, dynamic shared bytes) of tsv_jacobi_eigh_f32 for n x n matrices."""
-    big_n = n + n % 2
-    pairs = big_n // 2
-    threads = min(256, 32 * -(-pairs * pairs // 32))
-    return threads, 8 * (threads + 1 + pairs) + 4 * (4 * pairs + big_n + 2 * big_n * (big_n + 1))
+def max_smem(device: torch.device) -> int:
+    """Dynamic shared memory a block of `device` may opt in to."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
-def cholesky_launch(c: int) -> tuple[int, int]:
-    """(threads, dynamic shared bytes) of tsv_cholesky_f32 for c x c Gram matrices."""
-    threads = 32 * -(-c // 32)
-    return threads, 8 * (threads + c + 2) + 4 * c * (c + 1)
-
-
-def trsm_launch(c: int) -> tuple[int, int]:
-    """(rows per block = threads, dynamic shared bytes) of tsv_trsm_lower_t_f32."""
-    rows = 128
-    return rows, 4 * (c * (c + 1) + c * (rows + 1))
+def eigh_launch(n: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int]:
+    """(threads, shared bytes, global scratch elements per matrix) of jacobi_eigh on `device`."""
+    return native().eigh_launch(n, torch.empty(0, dtype=dtype).element_size(), max_smem(device))
 
 
 NVRTC_HEADERS = ("common.cuh", "jacobi_eigh.cuh", "cholesky_qr.cuh")  # dependencies first
@@ -100,7 +96,8 @@ class _StreamHandle:
 
 
 class _NvrtcOps:
-    """The entry points of tsvmerge._C, compiled at run time by CuPy (NVRTC)."""
+    """The entry points of tsvmerge._C, compiled at run time by CuPy (NVRTC), launched with
+    tsvmerge._C's geometry."""
 
     def __init__(self):
         import cupy
@@ -119,59 +116,108 @@ class _NvrtcOps:
             with cupy.cuda.Stream.from_external(_StreamHandle(stream)):
                 kernel(grid, (threads,), tuple(packed), shared_mem=smem)
 
-    def jacobi_eigh(self, a, w, v, batch, n, stream):
-        threads, smem = eigh_launch(n)
-        self._launch("tsv_jacobi_eigh_f32", (batch,), threads, smem, stream, _Ptr(a), _Ptr(w), _Ptr(v), n)
+    def jacobi_eigh(self, a, w, v, v_scratch, batch, n, fp64, stream):
+        threads, smem, scratch = native().eigh_launch(n, 8 if fp64 else 4, max_smem(torch.cuda.current_device()))
+        self._launch("tsv_jacobi_eigh_f64" if fp64 else "tsv_jacobi_eigh_f32", (batch,), threads, smem, stream,
+                     _Ptr(a), _Ptr(w), _Ptr(v), _Ptr(v_scratch if scratch else 0), n)
 
     def cholesky(self, g, l, status, batch, c, allow_shift, stream):
-        threads, smem = cholesky_launch(c)
+        threads, smem, _ = native().cholesky_launch(c)
         self._launch("tsv_cholesky_f32", (batch,), threads, smem, stream,
                      _Ptr(g), _Ptr(l), _Ptr(status), c, int(allow_shift))
 
     def trsm_lower_t(self, y, l, q, batch, m, c, stream):
-        rows, smem = trsm_launch(c)
+        rows, smem, _ = native().trsm_launch(c)
         self._launch("tsv_trsm_lower_t_f32", (batch, -(-m // rows)), rows, smem, stream,
                      _Ptr(y), _Ptr(l), _Ptr(q), m, c)
 
 
 @functools.lru_cache(maxsize=None)
 def _ops():
-    if compiled_with_cuda():
-        from tsvmerge import _C
-
-        return _C
-    return _NvrtcOps()
+    return native() if compiled_with_cuda() else _NvrtcOps()
 
 
 def _stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
-def _check_input(t: torch.Tensor, name: str, what: str):
+def _check_input(t: torch.Tensor, name: str, what: str, dtypes=(torch.float32,)):
     if not t.is_cuda:
         raise ValueError(f"{what}: {name} must be a CUDA tensor, got device {t.device}")
-    if t.dtype != torch.float32:
-        raise ValueError(f"{what}: {name} must be float32, got {t.dtype}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{what}: {name} must be {' or '.join(str(d)[6:] for d in dtypes)}, got {t.dtype}")
 
 
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenpairs of symmetric a [..., n, n] (n <= 128; lower triangle read), like torch.linalg.eigh:
-    eigenvalues ascending [..., n], eigenvectors as columns [..., n, n]."""
-    _check_input(a, "a", "batched_eigh")
+    """Eigenpairs of symmetric a [..., n, n] (fp32 or fp64, n <= 128; lower triangle read), like
+    torch.linalg.eigh: eigenvalues ascending [..., n], eigenvectors as columns [..., n, n]."""
+    _check_input(a, "a", "batched_eigh", EIGH_DTYPES)
     n = a.shape[-1]
-    if a.dim() < 2 or a.shape[-2] != n or not 1 <= n <= MAX_SIZE:
-        raise ValueError(f"batched_eigh: a must be [..., n, n] with 1 <= n <= {MAX_SIZE}, got {tuple(a.shape)}")
+    if a.dim() < 2 or a.shape[-2] != n or not 1 <= n <= native().EIGH_MAX_N:
+        raise ValueError(f"batched_eigh: a must be [..., n, n] with 1 <= n <= {native().EIGH_MAX_N}, "
+                         f"got {tuple(a.shape)}")
+    with torch.cuda.device(a.device):
+        return run_eigh(a, _ops(), max_smem(a.device), _stream())
+
+
+def run_eigh(a, ops, smem_limit: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """batched_eigh's host side, on any tensors whose pointers the launcher `ops` takes (the
+    emulation tests pass CPU tensors and the emulated kernels)."""
+    n = a.shape[-1]
     a = a.contiguous()
     w = torch.empty(a.shape[:-1], device=a.device, dtype=a.dtype)
     v = torch.empty_like(a)
     batch = a.numel() // (n * n)
     if batch:
-        with torch.cuda.device(a.device):
-            _ops().jacobi_eigh(a.data_ptr(), w.data_ptr(), v.data_ptr(), batch, n, _stream())
+        scratch = native().eigh_launch(n, a.element_size(), smem_limit)[2]
+        v_scratch = torch.empty(batch * scratch, device=a.device, dtype=a.dtype) if scratch else None
+        ops.jacobi_eigh(a.data_ptr(), w.data_ptr(), v.data_ptr(), 0 if v_scratch is None else v_scratch.data_ptr(),
+                        batch, n, a.dtype == torch.float64, stream)
     return w, v
 
 
-def _cholqr_pass(y: torch.Tensor, allow_shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def cholesky_qr(y: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis of the columns of tall-skinny fp32 y [..., m, c] (c <= 128, m >= c), as
+    `primitives.orthonormalize`: `passes` Cholesky-QR passes (two reach orthogonality to working
+    precision; one leaves a well-conditioned basis).
+
+    Returns (q [..., m, c], route int32 [...]): per matrix ROUTE_CHOLESKY (plain passes),
+    ROUTE_SHIFTED (the Gram was too ill-conditioned: the first pass is shifted and one more
+    pass follows) or ROUTE_HOUSEHOLDER (even that failed, e.g. rank-deficient y:
+    torch.linalg.qr).
+    """
+    _check_input(y, "y", "cholesky_qr")
+    if y.dim() < 2:
+        raise ValueError(f"cholesky_qr: y must be [..., m, c], got {tuple(y.shape)}")
+    m, c = y.shape[-2:]
+    if not 1 <= c <= native().CHOLQR_MAX_C or m < c or passes < 1:
+        raise ValueError(f"cholesky_qr: y must be [..., m, c] with 1 <= c <= {native().CHOLQR_MAX_C} and m >= c, "
+                         f"and passes >= 1, got {tuple(y.shape)} and passes={passes}")
+    with torch.cuda.device(y.device):
+        return run_cholesky_qr(y, passes, _ops(), _stream())
+
+
+def run_cholesky_qr(y, passes: int, ops, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cholesky_qr's host side, on any tensors whose pointers the launcher `ops` takes."""
+    m, c = y.shape[-2:]
+    panels = y.reshape(-1, m, c).contiguous()
+    if panels.shape[0] == 0:
+        return torch.empty_like(y), torch.empty(y.shape[:-2], device=y.device, dtype=torch.int32)
+    q, route = _cholqr_pass(panels, True, ops, stream)
+    for _ in range(passes - 1):
+        q, status = _cholqr_pass(q, False, ops, stream)
+        route = torch.maximum(route, status)
+    shifted = (route == ROUTE_SHIFTED).nonzero().squeeze(1)
+    if shifted.numel():
+        q[shifted], status = _cholqr_pass(q[shifted], False, ops, stream)
+        route[shifted] = torch.maximum(route[shifted], status)
+    failed = (route == ROUTE_HOUSEHOLDER).nonzero().squeeze(1)
+    if failed.numel():
+        q[failed] = torch.linalg.qr(panels[failed])[0]
+    return q.reshape(y.shape), route.reshape(y.shape[:-2])
+
+
+def _cholqr_pass(y: torch.Tensor, allow_shift: bool, ops, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One (optionally shifted) Cholesky-QR pass over y [batch, m, c] -> (q, status int32 [batch])."""
     batch, m, c = y.shape
     # The Gram in fp64, rounded once to fp32: a TF32 matmul setting cannot touch it (TF32 would
@@ -181,39 +227,6 @@ def _cholqr_pass(y: torch.Tensor, allow_shift: bool) -> tuple[torch.Tensor, torc
     low = torch.empty_like(gram)
     status = torch.empty(batch, device=y.device, dtype=torch.int32)
     q = torch.empty_like(y)
-    ops, stream = _ops(), _stream()
     ops.cholesky(gram.data_ptr(), low.data_ptr(), status.data_ptr(), batch, c, allow_shift, stream)
     ops.trsm_lower_t(y.data_ptr(), low.data_ptr(), q.data_ptr(), batch, m, c, stream)
     return q, status
-
-
-def cholesky_qr2(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis of the columns of tall-skinny y [..., m, c] (c <= 128, m >= c).
-
-    Returns (q [..., m, c], route int32 [...]): per matrix ROUTE_CHOLQR2 (two Cholesky-QR
-    passes), ROUTE_SHIFTED_CHOLQR3 (the Gram matrix was too ill-conditioned: one shifted pass,
-    then two plain ones) or ROUTE_HOUSEHOLDER (even that failed, e.g. rank-deficient y:
-    torch.linalg.qr).
-    """
-    _check_input(y, "y", "cholesky_qr2")
-    if y.dim() < 2:
-        raise ValueError(f"cholesky_qr2: y must be [..., m, c], got {tuple(y.shape)}")
-    m, c = y.shape[-2:]
-    if not 1 <= c <= MAX_SIZE or m < c:
-        raise ValueError(f"cholesky_qr2: y must be [..., m, c] with 1 <= c <= {MAX_SIZE} and m >= c, "
-                         f"got {tuple(y.shape)}")
-    panels = y.reshape(-1, m, c).contiguous()
-    if panels.shape[0] == 0:
-        return torch.empty_like(y), torch.empty(y.shape[:-2], device=y.device, dtype=torch.int32)
-    with torch.cuda.device(y.device):
-        q, route = _cholqr_pass(panels, allow_shift=True)
-        q, status = _cholqr_pass(q, allow_shift=False)
-        route = torch.maximum(route, status)
-        shifted = (route == ROUTE_SHIFTED_CHOLQR3).nonzero().squeeze(1)
-        if shifted.numel():
-            q[shifted], status = _cholqr_pass(q[shifted], allow_shift=False)
-            route[shifted] = torch.maximum(route[shifted], status)
-        failed = (route == ROUTE_HOUSEHOLDER).nonzero().squeeze(1)
-        if failed.numel():
-            q[failed] = torch.linalg.qr(panels[failed])[0]
-    return q.reshape(y.shape), route.reshape(y.shape[:-2])

@@ -4,37 +4,70 @@
    TSV-M from disk, and print the report.
 2. Run the accuracy benchmark (a small ViT fine-tuned on real digit tasks, merged by every
    method) and print its table.
+
+A re-run reuses the zoo and replaces the merge and the results it made itself (recognised by
+their contents); anything else in its folders' places is left alone, with an error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
 from . import merge
+from .api import REPORT_NAME
+from .io import InputError, OutputError
+from .io.safetensors import read_header
 from .report import format_merge_report
 from .zoo import make_zoo
 
 
 def synthetic_merge(workdir: str, arch: str, tasks: int, layers, backend: str, device: str) -> dict:
     zoo_dir = os.path.join(workdir, f"zoo-{arch}-{tasks}" + (f"-{layers}l" if layers else ""))
-    marker = os.path.join(zoo_dir, "complete")
-    if not os.path.exists(marker):
+    names = ["base.safetensors"] + [f"task_{t + 1:02d}.safetensors" for t in range(tasks)]
+    if not os.path.lexists(zoo_dir):
         print(f"[1/2] generating a synthetic zoo: {arch}, {tasks} tasks -> {zoo_dir}")
         make_zoo(zoo_dir, arch=arch, tasks=tasks, layers=layers)
-        open(marker, "w").close()
-    else:
+    elif _is_demo_zoo(zoo_dir, names, arch, tasks, layers):
         print(f"[1/2] using the cached synthetic zoo in {zoo_dir}")
-    base = os.path.join(zoo_dir, "base.safetensors")
-    finetuned = sorted(os.path.join(zoo_dir, f) for f in os.listdir(zoo_dir) if f.startswith("task_"))
+    else:
+        raise OutputError(zoo_dir, "exists but is not a zoo that tsvmerge demo made: remove it or pass another "
+                                   "--workdir")
+    base, *finetuned = (os.path.join(zoo_dir, n) for n in names)
     out = os.path.join(workdir, "merged")
     start = time.perf_counter()
     rep = merge(base, finetuned, method="tsv", backend=backend, device=device, preset="clip", out=out,
-                overwrite=True)
+                overwrite=_is_demo_merge(out, workdir))
     print(format_merge_report(rep))
     print(f"merged model -> {out} ({time.perf_counter() - start:.1f} s from disk, report in "
-          f"{os.path.join(out, 'tsvmerge_report.json')})")
+          f"{os.path.join(out, REPORT_NAME)})")
     return rep
+
+
+def _is_demo_zoo(folder: str, names: list, arch: str, tasks: int, layers) -> bool:
+    """A zoo `make_zoo` wrote with these settings (it publishes only complete zoos)."""
+    try:
+        _, meta, _ = read_header(os.path.join(folder, names[0]))
+    except InputError:
+        return False
+    expected = {"generator": "tsvmerge.zoo", "arch": arch, "tasks": str(tasks)}
+    return (all(meta.get(k) == v for k, v in expected.items()) and (layers is None or meta.get("layers") == str(layers))
+            and all(os.path.isfile(os.path.join(folder, n)) for n in names))
+
+
+def _is_demo_merge(out: str, workdir: str) -> bool:
+    """A model folder this demo merged (a model and its report, the inputs in one of the demo's
+    zoos): the demo may replace it, and nothing else."""
+    try:
+        files = os.listdir(out)
+        with open(os.path.join(out, REPORT_NAME)) as f:
+            sources = [i["source"] for i in json.load(f)["inputs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    ours = all(f == REPORT_NAME or f.startswith("model") for f in files)
+    return ours and all(os.path.realpath(os.path.dirname(os.path.dirname(s))) == os.path.realpath(workdir)
+                        and os.path.basename(os.path.dirname(s)).startswith("zoo-") for s in sources)
 
 
 def main(argv=None) -> int:
@@ -54,7 +87,7 @@ def main(argv=None) -> int:
     if not a.skip_synthetic:
         synthetic_merge(a.workdir, a.zoo_arch, a.zoo_tasks, a.zoo_layers, a.backend, a.device)
     if not a.skip_accuracy:
-        from .accuracy.demo import main as accuracy_main
+        from .accuracy.__main__ import main as accuracy_main
         print("[2/2] accuracy benchmark: a small ViT fine-tuned on real digit tasks")
         return accuracy_main(["--out", os.path.join(a.workdir, "accuracy"), *rest])
     return 0

@@ -6,11 +6,13 @@ the whole zoo: see `plan.plan_groups` for the batch budget.
 from __future__ import annotations
 
 import collections
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backends import Backend, TaskSVD
@@ -24,8 +26,9 @@ from .plan import COPY, SPECTRAL, Batch, MergePlan, batch_nbytes
 class Loaded:
     batch: Batch
     base: torch.Tensor                 # [L, *shape]
-    tau: torch.Tensor | None           # task vectors [L, T, *shape]; None on the copy path
-    svd: TaskSVD | None = None         # from TSV-C factors, when every task stores enough rank
+    tau: torch.Tensor | None           # vectors of the tasks read dense [L, Td, *shape]; None if none is
+    factored: dict | None = None       # on the spectral path, task index -> its exact SVD (u, s, v),
+                                       # [L, m, r], [L, r], [L, n, r], for tasks stored as factors
     seconds: float = 0.0
 
 
@@ -42,21 +45,21 @@ def _checked(t: torch.Tensor, source: str, name: str) -> torch.Tensor:
     return t
 
 
-def _stored_factors(plan: MergePlan, names: list, k: int, dtype, device) -> TaskSVD | None:
-    """Stack TSV-C factors when every task stores rank >= k for every tensor of the batch."""
-    tasks = plan.tasks
-    if not all(t.is_delta and hasattr(t, "stored_rank") for t in tasks):
+def _stored_factors(task, names: list, k: int):
+    """The task's top-min(k, r) SVD triplets of every tensor of a batch, zero-padded to one
+    width, when it stores all of them as factors (TSV-C, LoRA), else None (it is read dense).
+    A task of rank r < k contributes r triplets: the padding is dropped with the null
+    directions (`lowrank.drop_null_directions`)."""
+    if not task.is_delta:
         return None
-    if any(n not in t.shapes or t.stored_rank(n) < k for t in tasks for n in names):
-        return None
-    us, ss, vs = [], [], []
+    fs = []
     for name in names:
-        fs = [t.factors(name) for t in tasks]
-        us.append(torch.stack([u[:, :k] for u, _, _ in fs]))
-        ss.append(torch.stack([s[:k] for _, s, _ in fs]))
-        vs.append(torch.stack([v[:, :k] for _, _, v in fs]))
-    u, s, v = (torch.stack(x).to(device, dtype) for x in (us, ss, vs))
-    return TaskSVD(u, s, v, torch.ones(s.shape[:-1], dtype=torch.float64))
+        f = task.factors(name)
+        if f is None:
+            return None
+        fs.append(tuple(_checked(x, task.source, name) for x in (f[0][:, :k], f[1][:k], f[2][:, :k])))
+    width = max(1, max(s.shape[0] for _, s, _ in fs))
+    return tuple(torch.stack([F.pad(f[i], (0, width - f[1].shape[0])) for f in fs]) for i in range(3))
 
 
 def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loaded:
@@ -65,24 +68,56 @@ def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loa
     if batch.path == COPY:
         return Loaded(batch, base, None, seconds=time.perf_counter() - start)
     base = base.to(dtype)
-    svd = None
+    factored = {}
     if batch.path == SPECTRAL:
-        svd = _stored_factors(plan, batch.names, plan.tensors[batch.names[0]].k, dtype, device)
-    tau = None
-    if svd is None:
-        # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
-        tau = torch.empty((len(batch.names), len(plan.tasks)) + tuple(batch.shape), dtype=dtype)
         for t, task in enumerate(plan.tasks):
+            f = _stored_factors(task, batch.names, batch.k)
+            if f is not None:
+                factored[t] = tuple(x.to(device, dtype) for x in f)
+                task.release()
+    dense = [t for t in range(len(plan.tasks)) if t not in factored]
+    tau = None
+    if dense:
+        # tau = theta_i - theta_0 is formed in the copy into the batch buffer: no extra pass
+        tau = torch.empty((len(batch.names), len(dense)) + tuple(batch.shape), dtype=dtype)
+        for i, t in enumerate(dense):
+            task = plan.tasks[t]
             for l, name in enumerate(batch.names):
                 x = _checked(task.read(name), task.source, name)
                 if task.is_delta:
-                    tau[l, t] = x
+                    tau[l, i] = x
                 else:
-                    torch.sub(x.to(dtype), base[l], out=tau[l, t])
+                    torch.sub(x.to(dtype), base[l], out=tau[l, i])
             task.release()
         tau = tau.to(device)
     plan.base.release()
-    return Loaded(batch, base.to(device), tau, svd, time.perf_counter() - start)
+    return Loaded(batch, base.to(device), tau, factored or None, time.perf_counter() - start)
+
+
+def task_svds(loaded: Loaded, backend: Backend) -> TaskSVD | None:
+    """The task SVDs of a spectral batch with factored tasks: theirs as stored, the dense tasks'
+    from the backend, in task order, zero-padded to one width. None when every task is dense
+    (the method takes them from tau)."""
+    if not loaded.factored:
+        return None
+    dense = backend.task_svd(loaded.tau, None, loaded.batch.k) if loaded.tau is not None else None
+    L = loaded.base.shape[0]
+    parts, energy, passes, capped, d = [], [], [], [], 0
+    for t in range(len(loaded.factored) + (0 if dense is None else dense.s.shape[1])):
+        if t in loaded.factored:     # stored factors: exact, no pass over a dense matrix
+            parts.append(loaded.factored[t])
+            energy.append(torch.ones(L, dtype=torch.float64))
+            passes.append(torch.zeros(L, dtype=torch.long))
+            capped.append(torch.zeros(L, dtype=torch.bool))
+        else:
+            parts.append((dense.u[:, d], dense.s[:, d], dense.v[:, d]))
+            energy.append(None if dense.energy is None else dense.energy[:, d])
+            passes.append(None if dense.passes is None else dense.passes[:, d])
+            capped.append(None if dense.capped is None else dense.capped[:, d])
+            d += 1
+    width = max(s.shape[-1] for _, s, _ in parts)
+    u, s, v = (torch.stack([F.pad(p[i], (0, width - p[1].shape[-1])) for p in parts], 1) for i in range(3))
+    return TaskSVD(u, s, v, *(None if any(x is None for x in xs) else torch.stack(xs, 1) for xs in (energy, passes, capped)))
 
 
 def _task_bytes(plan: MergePlan, batch: Batch) -> int:
@@ -131,16 +166,19 @@ def _read_ahead(plan: MergePlan, batches: list, args):
 
 
 def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float, options: dict,
-              write, out_dtype=None, progress: bool | None = None) -> dict:
+              write, out_dtype=None, progress: bool | None = None, updates: bool = False) -> dict:
     """Compute every batch and hand each output tensor to `write(name, tensor)`.
 
-    Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype.
+    Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype. With
+    `updates`, `write` gets each tensor's update alpha * Delta instead of the merged tensor: the
+    factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
     """
     entries = {}
     for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress):
         batch = loaded.batch
         start = time.perf_counter()
-        outputs, stats = _compute(loaded, method, backend, alpha, options, out_dtype, plan)
+        compute = _updates if updates else _compute
+        outputs, stats = compute(loaded, method, backend, alpha, options, out_dtype, plan)
         seconds = time.perf_counter() - start
         for l, name in enumerate(batch.names):
             write(name, outputs[l])
@@ -148,13 +186,18 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float
     return entries
 
 
+def _method_update(loaded: Loaded, method, backend, options):
+    batch = loaded.batch
+    return method.fn(loaded.base, loaded.tau, path=batch.path, k=batch.k, backend=backend,
+                     svd=task_svds(loaded, backend), **options)
+
+
 def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     batch = loaded.batch
     dtypes = [out_dtype or plan.tensors[n].info.dtype for n in batch.names]
     if batch.path == COPY:
         return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
-    update, stats = method.fn(loaded.base, loaded.tau, path=batch.path, k=plan.tensors[batch.names[0]].k,
-                              backend=backend, svd=loaded.svd, **options)
+    update, stats = _method_update(loaded, method, backend, options)
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)
         out = backend.lowrank_apply(loaded.base, update.u, update.s, update.v, alpha, dtypes[0] if same else torch.float32)
@@ -162,10 +205,61 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     else:
         merged = loaded.base + alpha * update
         outputs = [merged[l].to(dtypes[l]).cpu() for l in range(len(dtypes))]
-    if not all(_all_finite(o) for o in outputs):
-        raise FloatingPointError(f"non-finite merged values in {batch.names[0]} (and its batch): "
-                                 "please report this with the inputs' shapes")
+    for l, o in enumerate(outputs):
+        if not _all_finite(o):
+            raise _non_finite(loaded, l, method, backend, alpha, options, dtypes[l], plan)
     return outputs, stats
+
+
+def _non_finite(loaded: Loaded, l: int, method, backend, alpha, options, dtype, plan) -> Exception:
+    """Why output `l` of a batch is not finite (the inputs are: `load_batch` checks them). The
+    tensor is merged again exactly, in fp64 on the reference backend: values beyond the range
+    of the output or compute dtype are the inputs' doing (a clear error that says what to do);
+    anything else is a fault of the engine."""
+    from .backends import backend_class
+    name = loaded.batch.names[l]
+    ref = backend_class("reference", "cpu")(device="cpu", compute_dtype=torch.float64)
+    one = Loaded(Batch(loaded.batch.path, loaded.batch.shape, [name], loaded.batch.k), loaded.base[l:l + 1].cpu().double(),
+                 None if loaded.tau is None else loaded.tau[l:l + 1].cpu().double(),
+                 None if loaded.factored is None else
+                 {t: tuple(x[l:l + 1].cpu().double() for x in f) for t, f in loaded.factored.items()})
+    if one.tau is None and one.factored is None:
+        return FloatingPointError(f"non-finite merged values in {name}: please report this with the inputs' shapes")
+    base = one.base
+    update, _ = _method_update(one, method, ref, options)
+    if isinstance(update, LowRank):
+        exact = ref.lowrank_apply(base, update.u, update.s, update.v, alpha, torch.float64)
+    else:
+        exact = base + alpha * update
+    peak = float(exact.abs().max()) if bool(torch.isfinite(exact).all()) else math.inf
+    if not math.isfinite(peak):
+        return InputError(plan.base.source, name, "the merged values overflow even in float64: the task vectors or "
+                          "alpha are too large")
+    for what, d, flag in (("output", dtype, "--out-dtype"), ("compute", backend.compute_dtype, "--dtype")):
+        reach = max(peak, abs(alpha)) if what == "compute" else peak
+        if reach > torch.finfo(d).max:
+            fix = f"use {flag} float32 or a smaller alpha" if d.itemsize < 4 else "use a smaller alpha"
+            dtype_name = str(d).replace("torch.", "")
+            return InputError(plan.base.source, name, f"the merged values (or alpha) reach {reach:.3g}, beyond the "
+                              f"range of the {what} dtype {dtype_name} (max {torch.finfo(d).max:.3g}): {fix}")
+    return FloatingPointError(f"non-finite merged values in {name} on backend {backend.name}, finite when merged "
+                              "exactly: please report this with the inputs' shapes")
+
+
+def _updates(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
+    """Each tensor's update alpha * Delta (see `run_merge`), on the CPU."""
+    L = len(loaded.batch.names)
+    if loaded.batch.path == COPY:
+        return [None] * L, {}
+    update, stats = _method_update(loaded, method, backend, options)
+    if isinstance(update, LowRank):
+        out = [(update.u[l].cpu(), alpha * update.s[l].cpu(), update.v[l].cpu()) for l in range(L)]
+    else:
+        out = [(alpha * update[l]).cpu() for l in range(L)]
+    if not all(_all_finite(x) for o in out for x in (o if isinstance(o, tuple) else (o,))):
+        raise FloatingPointError(f"non-finite update in {loaded.batch.names[0]} (and its batch): "
+                                 "please report this with the inputs' shapes")
+    return out, stats
 
 
 def _entry(tp, stats: dict, layer: int, seconds: float) -> dict:

@@ -12,7 +12,8 @@ import torch
 
 from .io import Checkpoint, InputError, TensorInfo
 
-SPECTRAL, MEAN, COPY = "spectral", "mean", "copy"
+# spectral: per-task SVDs; dense: an elementwise update (the mean, for tsv); copy: the base as it is
+SPECTRAL, DENSE, COPY = "spectral", "dense", "copy"
 CLIP_PRESET = ("text_projection",)
 DEFAULT_BATCH_BYTES = 1 << 30
 
@@ -21,17 +22,18 @@ DEFAULT_BATCH_BYTES = 1 << 30
 class TensorPlan:
     name: str
     info: TensorInfo        # the base's shape and dtype (the output keeps them)
-    path: str               # spectral | mean | copy
+    path: str               # spectral | dense | copy
     k: int = 0              # per-task rank on the spectral path
     note: str = ""
 
 
 @dataclass
 class Batch:
-    """Tensors of one shape and path, computed together as [L, T, *shape]."""
+    """Tensors of one path, shape and rank, computed together as [L, T, *shape]."""
     path: str
     shape: tuple
     names: list = field(default_factory=list)
+    k: int = 0
 
 
 @dataclass
@@ -70,25 +72,24 @@ def validate(base: Checkpoint, tasks: list) -> dict[str, TensorInfo]:
     return ref
 
 
-def per_task_rank(shape, T: int, k: int | None) -> int:
-    """The budget: k = floor(r / T) by default, or a given k with T*k <= r."""
+def merge_rank(shape, T: int, k: int | None = None) -> tuple[int, str]:
+    """TSV-M's budget: k = floor(r / T) by default, or a given k with T*k <= r. k = 0 (r < T)
+    sends the tensor down the dense path, with a note saying why."""
     r = min(shape)
-    if k is None:
-        return r // T
-    if k * T > r:
+    if k is not None and k * T > r:
         raise ValueError(f"k={k} for {T} tasks needs T*k <= min(m, n) = {r} for shape {list(shape)}")
-    return k
+    rank = r // T if k is None else k
+    return rank, "" if rank else f"r={r} < T={T} gives k=0: dense path instead"
 
 
-def classify(name: str, info: TensorInfo, T: int, *, spectral: bool, exclude, k: int | None) -> TensorPlan:
+def classify(name: str, info: TensorInfo, *, spectral_rank, exclude) -> TensorPlan:
+    """copy (not floating), spectral (2-D, not excluded, a rank >= 1) or dense."""
     if not info.dtype.is_floating_point:
         return TensorPlan(name, info, COPY)
-    if not spectral or len(info.shape) != 2 or is_excluded(name, exclude):
-        return TensorPlan(name, info, MEAN)
-    rank = per_task_rank(info.shape, T, k)
-    if rank == 0:
-        return TensorPlan(name, info, MEAN, note=f"r={min(info.shape)} < T={T} gives k=0: mean path instead")
-    return TensorPlan(name, info, SPECTRAL, k=rank)
+    if spectral_rank is None or len(info.shape) != 2 or is_excluded(name, exclude):
+        return TensorPlan(name, info, DENSE)
+    rank, note = spectral_rank(info.shape)
+    return TensorPlan(name, info, SPECTRAL, k=rank) if rank else TensorPlan(name, info, DENSE, note=note)
 
 
 def batch_nbytes(batch: Batch, T: int) -> int:
@@ -97,25 +98,26 @@ def batch_nbytes(batch: Batch, T: int) -> int:
 
 
 def plan_groups(tensors: dict, T: int, batch_bytes: int = DEFAULT_BATCH_BYTES) -> list[Batch]:
-    """Group tensors by (path, shape) and cut each group into batches within the memory budget.
-
-    A batch holds L layers x (T tasks + base) in fp32 (`batch_nbytes`); a single layer always fits.
+    """Group tensors by (path, shape, rank) and cut each group into batches within the memory
+    budget. A batch holds L layers x (T tasks + base) in fp32 (`batch_nbytes`); a single layer
+    always fits.
     """
     groups: dict = {}
     for p in tensors.values():
-        groups.setdefault((p.path, p.info.shape), []).append(p.name)
+        groups.setdefault((p.path, p.info.shape, p.k), []).append(p.name)
     batches = []
-    for (path, shape), names in groups.items():
+    for (path, shape, k), names in groups.items():
         per_layer = batch_nbytes(Batch(path, shape, [None]), T)
         step = max(1, batch_bytes // max(per_layer, 1))
         for i in range(0, len(names), step):
-            batches.append(Batch(path, shape, names[i:i + step]))
+            batches.append(Batch(path, shape, names[i:i + step], k))
     return batches
 
 
-def plan_merge(base: Checkpoint, tasks: list, *, spectral: bool, exclude=(), k: int | None = None,
+def plan_merge(base: Checkpoint, tasks: list, *, spectral_rank=None, exclude=(),
                batch_bytes: int = DEFAULT_BATCH_BYTES) -> MergePlan:
+    """`spectral_rank(shape) -> (k, note)` assigns 2-D tensors their per-task rank (k = 0: the
+    dense path, with the note); None sends every floating tensor down the dense path."""
     ref = validate(base, tasks)
-    T = len(tasks)
-    tensors = {name: classify(name, info, T, spectral=spectral, exclude=exclude, k=k) for name, info in ref.items()}
-    return MergePlan(base, tasks, tensors, plan_groups(tensors, T, batch_bytes), batch_bytes)
+    tensors = {name: classify(name, info, spectral_rank=spectral_rank, exclude=exclude) for name, info in ref.items()}
+    return MergePlan(base, tasks, tensors, plan_groups(tensors, len(tasks), batch_bytes), batch_bytes)

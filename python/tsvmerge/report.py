@@ -1,6 +1,7 @@
 """Reading a merge or interference report: a text table and pictures."""
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 
@@ -17,14 +18,32 @@ def format_merge_report(rep: dict) -> str:
                      f"{es[0].get('k', 0) or '':>5} {min(energy) if energy else float('nan'):10.4f} "
                      f"{sum(sti) / len(sti) if sti else float('nan'):10.4g} {sum(e['time_s'] for e in es):8.3f}")
     s = rep["summary"]
-    lines.append(f"{s['tensors']} tensors: {s['spectral']} spectral, {s['mean']} mean, {s['copy']} copied; "
+    lines.append(f"{s['tensors']} tensors: {s['spectral']} spectral, {s['dense']} dense, {s['copy']} copied; "
                  f"backend {rep['backend']['backend']} on {rep['backend']['device']}; {s['wall_s']:.2f} s")
     for name in s["fallbacks"]:
         lines.append(f"note: {name}: {rep['tensors'][name]['note']}")
+    for primitive, reasons in rep["backend"].get("fallbacks", {}).items():
+        for why, calls in reasons.items():
+            lines.append(f"note: {rep['backend']['backend']} kernel declined {primitive} ({why}) {calls}x: ran in torch")
     return "\n".join(lines)
 
 
-def plot_interference(rep: dict, path: str) -> None:
+def picture_format(path: str) -> str:
+    """The picture format a path asks for (its extension; png without one), checked before any
+    work: matplotlib installed and able to write it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("writing a plot needs matplotlib: pip install 'tsvmerge[demo]'") from None
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+    if ext not in formats:
+        raise ValueError(f"{path}: cannot write a .{ext} picture; use one of .{', .'.join(sorted(formats))}")
+    return ext
+
+
+def plot_interference(rep: dict, path: str, format: str | None = None) -> None:
     """STI per tensor (before and after orthogonalisation) and the mean task-pair overlap."""
     import matplotlib
     matplotlib.use("Agg")
@@ -52,5 +71,5 @@ def plot_interference(rep: dict, path: str) -> None:
     b.set_ylabel("task")
     fig.colorbar(im, ax=b)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, format=format)
     plt.close(fig)

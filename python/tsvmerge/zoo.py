@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from .io import TensorInfo
+from .io import TensorInfo, claim, publishing
 from .io.safetensors import SafetensorsWriter
 
 
@@ -207,34 +207,37 @@ def make_zoo_dicts(arch: str | Arch = "ViT-B-32", tasks: int = 8, layers: int | 
 
 def make_zoo(folder: str, arch: str | Arch = "ViT-B-32", tasks: int = 8, layers: int | None = None,
              seed: int = 0, dtype: torch.dtype = torch.float32, spectrum: str = "powerlaw",
-             progress: bool = True) -> Zoo:
+             progress: bool = True, overwrite: bool = False) -> Zoo:
     """Write `base.safetensors` and `task_01.safetensors`... into `folder`, tensor by tensor.
 
-    Memory stays at a few tensors whatever the model size; a file is removed if generation fails.
+    Memory stays at a few tensors whatever the model size. The folder is published whole when
+    every file is written (an existing one is replaced only with `overwrite`, an empty one
+    excepted); a failed run leaves nothing.
     """
     a = _check(arch, tasks, spectrum)
-    os.makedirs(folder, exist_ok=True)
+    target = claim(folder, folder=True, overwrite=overwrite)
     shapes = model_shapes(a, layers)
     infos = {name: TensorInfo(shape, dtype) for name, shape in shapes.items()}
-    zoo = Zoo(os.path.join(folder, "base.safetensors"),
-              [os.path.join(folder, f"task_{t + 1:02d}.safetensors") for t in range(tasks)], a.name, tasks)
+    names = ["base.safetensors"] + [f"task_{t + 1:02d}.safetensors" for t in range(tasks)]
+    zoo = Zoo(os.path.join(folder, names[0]), [os.path.join(folder, n) for n in names[1:]], a.name, tasks)
     about = {"format": "pt", "generator": "tsvmerge.zoo", "arch": a.name, "layers": str(a.layers if layers is None else layers),
              "spectrum": spectrum, "seed": str(seed), "tasks": str(tasks)}
-    writers = []
-    try:
-        for i, path in enumerate([zoo.base] + zoo.finetuned):
-            writers.append(SafetensorsWriter(path, infos, {**about, "task": str(i)}))
-        total = sum(info.nbytes for info in infos.values()) * len(writers)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"zoo {a.name} x{tasks}", disable=not progress) as bar:
-            for name, base, fts in _generate(a, tasks, layers, seed, spectrum):
-                for writer, tensor in zip(writers, [base, *fts]):
-                    writer.write(name, tensor.to(dtype))
-                    bar.update(infos[name].nbytes)
+    with publishing(target) as (tmp,):
+        writers = []
+        try:
+            for i, name in enumerate(names):
+                writers.append(SafetensorsWriter(os.path.join(tmp, name), infos, {**about, "task": str(i)}))
+            total = sum(info.nbytes for info in infos.values()) * len(writers)
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"zoo {a.name} x{tasks}",
+                      disable=not progress) as bar:
+                for name, base, fts in _generate(a, tasks, layers, seed, spectrum):
+                    for writer, tensor in zip(writers, [base, *fts]):
+                        writer.write(name, tensor.to(dtype))
+                        bar.update(infos[name].nbytes)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
         for writer in writers:
             writer.close()
-    except BaseException:
-        for writer in writers:
-            writer.abort()
-            os.unlink(writer.path)
-        raise
     return zoo

@@ -15,7 +15,7 @@ import torch
 from .. import compress, decompress, interference, merge
 from .data import Split, Task
 from .evaluate import TaskInputs, accuracies
-from .zoo import Zoo
+from .checkpoints import Zoo
 
 # Denser where task arithmetic's optimum lies (alpha ~ 1/T); alpha = 0 is the zero-shot row. Seven points keep
 # the cached run within a minute on 2 cores.

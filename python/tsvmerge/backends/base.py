@@ -1,11 +1,14 @@
 """What a backend provides to the methods. Methods never know which backend runs."""
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from .. import primitives as P
+from ..options import Option, resolve
+from . import lapack
 
 
 @dataclass
@@ -23,13 +26,16 @@ class Backend:
     """Exact, device-agnostic defaults; fast backends override the expensive steps."""
 
     name = "base"
+    # The options this backend takes, declared once; merge() and the command line derive theirs.
+    OPTIONS: tuple[Option, ...] = ()
 
     def __init__(self, device: str | torch.device = "cpu", compute_dtype: torch.dtype = torch.float32,
                  seed: int = 0, **options):
         self.device = torch.device(device)
         self.compute_dtype = compute_dtype
         self.seed = int(seed)
-        self.options = options
+        self.options = resolve(self.OPTIONS, options, f"backend {self.name!r}")
+        self.fallbacks = Counter()  # (primitive, why) -> calls a kernel declined
 
     # -- spectral steps -------------------------------------------------------------
     def task_svd(self, finetuned: torch.Tensor, base: torch.Tensor | None, k: int) -> TaskSVD:
@@ -39,37 +45,46 @@ class Backend:
         """
         raise NotImplementedError
 
-    def orthogonalize(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None,
-                      g: torch.Tensor | None = None) -> torch.Tensor:
-        """Orthogonal factor of concatenated panels x [L, m, K]; `block` = k when x is T
-        orthonormal k-column panels side by side (the Gram's diagonal blocks are then I);
-        `g` = factor_gram(x, block) when the caller has it already."""
+    def polar(self, x: torch.Tensor, how: str = "procrustes", g: torch.Tensor | None = None) -> torch.Tensor:
+        """The orthogonal factor of concatenated panels x [L, m, K]: "procrustes", the polar
+        factor (on x's range); "whiten", x (x^T x)^(-1/2) with the paper's clamp. `g` =
+        factor_gram(x) where the caller has it."""
         if how == "procrustes":
             return P.polar(x)
         if how == "whiten":
-            g = self.factor_gram(x, block) if g is None else g
-            return x @ P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
+            return P.whiten(x, self.factor_gram(x) if g is None else g, eigh=self.sym_eigh)
         raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
 
-    def orthogonal_root(self, x: torch.Tensor, how: str = "procrustes", block: int | None = None,
-                        g: torch.Tensor | None = None) -> torch.Tensor | None:
-        """R [L, K, K] with orthogonalize(x) = x @ R, or None where the backend orthogonalises
-        x directly (the exact path takes the polar factor from x's SVD, as the paper does)."""
+    def polar_root(self, x: torch.Tensor, how: str = "procrustes",
+                   g: torch.Tensor | None = None) -> torch.Tensor | None:
+        """R [L, K, K] with polar(x) = x @ R, or None where the backend takes the factor from x
+        itself (the exact path: from x's SVD, as the paper does)."""
         return None
 
-    def factor_gram(self, x: torch.Tensor, block: int | None = None) -> torch.Tensor:
-        """The Gram x^T x of concatenated factors, as STI and orthogonalisation use it."""
-        return self.gram(x, block)
+    def factor_gram(self, x: torch.Tensor) -> torch.Tensor:
+        """The Gram x^T x of concatenated factors, as STI and `polar` use it."""
+        return self.gram(x)
 
     def sym_eigh(self, a: torch.Tensor):
-        return P.sym_eigh(a)
+        return lapack.sym_eigh(a)
 
-    def gram(self, x: torch.Tensor, task_block: int | None = None) -> torch.Tensor:
-        """x^T x; fast backends skip the known identity blocks when task_block is given."""
+    def gram(self, x: torch.Tensor) -> torch.Tensor:
         return P.gram(x)
 
     def lowrank_apply(self, base, u, s, v, alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
         return P.lowrank_apply(base, u, s, v, alpha, out_dtype)
+
+    # -- what ran -------------------------------------------------------------------
+    def declined(self, primitive: str, why: str) -> None:
+        """Records that a kernel declined an input of `primitive`, which then ran in torch."""
+        self.fallbacks[primitive, why] += 1
+
+    def fallback_report(self) -> dict:
+        """{primitive: {why: calls}} of every declined input so far."""
+        out = {}
+        for (primitive, why), calls in sorted(self.fallbacks.items()):
+            out.setdefault(primitive, {})[why] = calls
+        return out
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device),

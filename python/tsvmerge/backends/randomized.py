@@ -16,6 +16,8 @@ import itertools
 import torch
 
 from .. import primitives as P
+from . import fast_polar, lapack
+from ..options import Option, boolean, fraction, non_negative_int, optional, positive_int
 from .base import Backend, TaskSVD
 from .reference import exact_task_svd
 
@@ -34,31 +36,40 @@ PROBE_COLUMNS = 8
 RHO_MARGIN = (2.0, 1.3)
 
 
+_serial_cholesky_r_inv = lapack.serially(P.cholesky_r_inv)
+
+
+def _pass_cap(x) -> int:
+    """At least 3: the sketch, one Krylov block (two passes) and its bound."""
+    value = positive_int(x)
+    if value < 3:
+        raise ValueError("expected a whole number of at least 3 (the sketch and one Krylov block)")
+    return value
+
+
 class TorchBackend(Backend):
     name = "torch"
+    OPTIONS = (
+        Option("svd", str, "randomized", "top-k SVD of each task matrix", choices=("randomized", "exact")),
+        Option("oversample", non_negative_int, 10, "oversampling p of the randomized SVD"),
+        Option("power_iters", non_negative_int, 1, "Krylov blocks (or power iterations) q after the sketch"),
+        Option("krylov", boolean, True, "block Krylov range finder; off: subspace iteration"),
+        Option("energy_estimate", boolean, True, "estimate each tensor's captured energy for the report"),
+        Option("energy_target", optional(fraction), DEFAULT_ENERGY_TARGET,
+               "Krylov blocks per task matrix until a bound on its captured energy reaches this "
+               "('none': the fixed schedule of power_iters)"),
+        Option("max_passes", _pass_cap, DEFAULT_MAX_PASSES, "cap on passes over each task matrix (energy_target)"),
+    )
 
-    def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, *, svd="randomized",
-                 oversample=10, power_iters=1, krylov=True, energy_estimate=True,
-                 energy_target=DEFAULT_ENERGY_TARGET, max_passes=DEFAULT_MAX_PASSES, **options):
+    def __init__(self, device="cpu", compute_dtype=torch.float32, seed=0, **options):
         super().__init__(device, compute_dtype, seed, **options)
-        if svd not in ("randomized", "exact"):
-            raise ValueError(f"svd must be 'randomized' or 'exact', not {svd!r}")
-        self.svd = svd
-        self.oversample = int(oversample)
-        self.power_iters = int(power_iters)
-        self.krylov = bool(krylov)
-        self.energy_estimate = bool(energy_estimate)
-        self.energy_target = None if energy_target is None else float(energy_target)
-        self.max_passes = int(max_passes)
-        if self.energy_target is not None:
-            if not 0.0 < self.energy_target <= 1.0:
-                raise ValueError(f"energy_target must be in (0, 1] or None, not {energy_target!r}")
-            if not self.energy_estimate:
-                raise ValueError("energy_target needs the energy bound: energy_estimate=False only goes "
-                                 "with energy_target=None (the fixed schedule)")
-            if self.max_passes < 3:
-                raise ValueError(f"max_passes must be at least 3 (sketch, one Krylov block, its bound), "
-                                 f"not {max_passes!r}")
+        o = self.options
+        self.svd, self.oversample, self.power_iters = o["svd"], o["oversample"], o["power_iters"]
+        self.krylov, self.energy_estimate = o["krylov"], o["energy_estimate"]
+        self.energy_target, self.max_passes = o["energy_target"], o["max_passes"]
+        if self.energy_target is not None and not self.energy_estimate:
+            raise ValueError("energy_target needs the energy bound: energy_estimate=False only goes "
+                             "with energy_target=None (the fixed schedule)")
 
     def describe(self) -> dict:
         return {**super().describe(), "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,
@@ -79,32 +90,31 @@ class TorchBackend(Backend):
         return P.delta_matmul_t(finetuned, base, y)
 
     def orthonormalize(self, y, passes=2):
-        return P.orthonormalize(y, passes)
+        return P.orthonormalize(y, passes, r_inv=_serial_cholesky_r_inv)
 
-    def factor_gram(self, x, block=None):
-        """In x's dtype on CPU: `polar_root` decides per matrix whether that is precise
-        enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
+    def factor_gram(self, x):
+        """In x's dtype on CPU: `fast_polar.polar_root` decides per matrix whether that is
+        precise enough, and rebuilds the Gram in fp64 where it is not. On CUDA in fp64 (the
         kernels' path): tasks that share directions make x ill-conditioned (cond(x^T x)
         ~ 1e8 on these zoos' square sides), and an fp32 Gram loses that."""
         if x.is_cuda:
-            return self.gram(x.double(), block)
-        return P.gram_sym(x)
+            return self.gram(x.double())
+        return fast_polar.gram_sym(x)
 
-    def orthogonalize(self, x, how="procrustes", block=None, g=None):
-        return x @ self.orthogonal_root(x, how, block, g)
+    def polar(self, x, how="procrustes", g=None):
+        return x @ self.polar_root(x, how, g)
 
-    def orthogonal_root(self, x, how="procrustes", block=None, g=None):
+    def polar_root(self, x, how="procrustes", g=None):
         """Procrustes as the polar factor through the small side: R = (x^T x)^(-1/2) from the
         K x K Gram, an eigh of K x K instead of an SVD of m x K (the same factor; null
         directions dropped as in `primitives.polar`). `whiten`: the paper's clamp, on an
         fp64 Gram."""
         if how == "whiten":
-            g = g if g is not None and g.dtype == torch.float64 else P.gram_sym(x.double())
+            g = g if g is not None and g.dtype == torch.float64 else fast_polar.gram_sym(x.double())
             return P.inv_sqrt_psd(g, eigh=self.sym_eigh, out_dtype=x.dtype)
         if how != "procrustes":
             raise ValueError(f"unknown orthogonalize={how!r} (choose 'procrustes' or 'whiten')")
-        g = self.factor_gram(x, block) if g is None else g
-        return P.polar_root(x, g, eigh=self.sym_eigh)
+        return fast_polar.polar_root(x, self.factor_gram(x) if g is None else g, eigh=self.sym_eigh)
 
     # -- the range finder -------------------------------------------------------------
     def task_svd(self, finetuned, base, k):
@@ -325,7 +335,7 @@ class TorchBackend(Backend):
             # are not orthogonal to Q (seen on 1 in 150 T = 1 zoos, where Q spans all)
             floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
             y = _project_out(_project_out(y, qs), qs)                      # block Gram-Schmidt, twice
-            q = P.range_basis(P.range_basis(y, floor))                     # converged directions -> zero columns
+            q = P.range_basis(P.range_basis(y, floor, eigh=self.sym_eigh), eigh=self.sym_eigh)  # converged -> zero columns
             qs.append(q)
             bt, residual = _backward_with_residual(bwd, q, qs, tx)
             bts.append(bt)

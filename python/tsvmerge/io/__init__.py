@@ -1,8 +1,11 @@
-"""Input and output: lazy readers, streamed safetensors, atomic outputs."""
-from .checkpoint import Checkpoint, CompressedTask, open_checkpoint, TSVC_FORMAT
+"""Input and output: lazy readers, streamed safetensors, outputs published whole."""
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import InputError
-from .output import ShardedWriter, atomic_file, atomic_folder
+from .output import ShardedWriter, file_writer, model_writer, save_json, write_json
+from .publish import Output, OutputError, claim, input_paths, publishing
 from .safetensors import SafetensorsWriter, TensorInfo, load_file, save_file
+from .tsvc_file import CompressedTask
 
-__all__ = ["Checkpoint", "CompressedTask", "InputError", "SafetensorsWriter", "ShardedWriter", "TSVC_FORMAT", "TensorInfo",
-           "atomic_file", "atomic_folder", "load_file", "open_checkpoint", "save_file"]
+__all__ = ["Checkpoint", "CompressedTask", "InputError", "Output", "OutputError", "SafetensorsWriter", "ShardedWriter",
+           "TensorInfo", "claim", "file_writer", "input_paths", "load_file", "model_writer", "open_checkpoint",
+           "publishing", "save_file", "save_json", "write_json"]

@@ -1,16 +1,13 @@
-"""Output: sharded safetensors with an index json, written atomically.
-
-Everything goes to a temporary folder beside the target and is renamed into place at
-the end, so a failed or interrupted run leaves no partial model behind.
+"""Output: sharded safetensors with an index json, written into a temporary and published
+whole (`publish`), so a failed or interrupted run leaves no partial model behind.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 
+from .publish import Output, naming, publishing
 from .safetensors import SafetensorsWriter, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -54,8 +51,7 @@ class ShardedWriter:
     def close(self):
         for w in self._writers:
             w.close()
-        with open(os.path.join(self.folder, INDEX_NAME), "w") as f:
-            json.dump(self._index, f, indent=1)
+        write_json(os.path.join(self.folder, INDEX_NAME), self._index)
 
     def abort(self):
         for w in self._writers:
@@ -63,38 +59,42 @@ class ShardedWriter:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str, overwrite: bool = False):
-    """Yield a temporary folder beside `target`; rename it to `target` only on success."""
-    target = os.path.abspath(target)
-    if os.path.exists(target) and not overwrite and (not os.path.isdir(target) or os.listdir(target)):
-        raise FileExistsError(f"{target}: output already exists (pass overwrite=True / --overwrite to replace it)")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+def _completed(writer):
+    """Close `writer` when the block succeeds; abort it (no half-written file kept) when not."""
     try:
-        yield tmp
+        yield writer
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        writer.abort()
         raise
-    if os.path.exists(target):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-        os.rename(target, os.path.join(old, "x"))
-        os.rename(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
+    writer.close()
 
 
 @contextlib.contextmanager
-def atomic_file(target: str):
-    """Yield a temporary path beside `target`; rename it into place only on success."""
-    target = os.path.abspath(target)
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    os.close(fd)
-    try:
-        yield tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    os.replace(tmp, target)
+def model_writer(target: Output, infos: dict[str, TensorInfo], metadata: dict, *, shard_size: int,
+                 also: tuple[Output | None, ...] = ()):
+    """A model folder (sharded safetensors + index json) written into a temporary folder and
+    published at `target` when the block succeeds, together with the outputs `also` (a report
+    file), all or none. Other files of the model (its report) go into `writer.folder` inside
+    the block, the outputs `also` into the temporary paths `writer.also`."""
+    with publishing(target, *also) as (folder, *others), \
+            _completed(ShardedWriter(folder, infos, shard_size, metadata)) as writer:
+        writer.also = others
+        yield writer
+
+
+@contextlib.contextmanager
+def file_writer(target: Output, infos: dict[str, TensorInfo], metadata: dict):
+    """One safetensors file, published at `target` when the block succeeds."""
+    with publishing(target) as (tmp,), _completed(SafetensorsWriter(tmp, infos, metadata)) as writer:
+        yield writer
+
+
+def write_json(path: str, obj) -> None:
+    with naming(path), open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def save_json(target: Output, obj) -> None:
+    """A JSON file published at `target`."""
+    with publishing(target) as (tmp,):
+        write_json(tmp, obj)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
+from .files import MAX_JSON_BYTES, open_regular, parse_json
+from .publish import naming
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -22,7 +24,20 @@ DTYPES = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+# Dtypes the format knows that tsvmerge does not merge (see `dtype_refusal`).
+OTHER_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F6_E2M3", "F6_E3M2", "F4",
+                "U16", "U32", "U64", "C64")
+_MAX_DIM = 2**64 - 1                # the safetensors package reads dims and offsets as u64
+_FIELDS = {"dtype", "shape", "data_offsets"}
+_INT = {int}
+
+
+def dtype_refusal(name: str) -> str:
+    """Why tensors of this dtype (a safetensors or torch name) cannot be merged."""
+    if name.startswith(("F8", "F6", "F4", "float8", "float6", "float4")):
+        return (f"has dtype {name}, which tsvmerge does not merge: fp8/fp6/fp4 checkpoints keep scales in other "
+                "tensors, so the stored values are not the weights; dequantize to bf16 or fp32 first")
+    return f"has dtype {name}, which tsvmerge does not merge (it reads {', '.join(DTYPES)})"
 
 
 @dataclass(frozen=True)
@@ -43,48 +58,100 @@ class TensorInfo:
 
 
 def read_header(path: str) -> tuple[dict, dict, int]:
-    """Parse and validate a header: (infos with byte ranges, metadata, data start)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise InputError(path, None, "file is too short to be safetensors")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, _MAX_HEADER):
-                raise InputError(path, None, f"header length {n} exceeds the file ({size} bytes): corrupted or truncated")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(path, None, f"header is not valid JSON ({e}): corrupted file") from None
+    """Read and validate a header in one read: (name -> (info, byte offset), metadata, data start).
+
+    The format's rules, as the safetensors package applies them, and stricter where it is
+    lenient: no duplicate keys, entries with exactly its three fields, `__metadata__` an object.
+    """
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InputError(path, None, f"is {size} bytes, too short to be safetensors")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_JSON_BYTES:
+            raise InputError(path, None, f"header length {n} is over the format's limit of {MAX_JSON_BYTES} bytes: "
+                                         "corrupted or not safetensors")
+        if n > size - 8:
+            raise InputError(path, None, f"header length {n} exceeds the file ({size} bytes): corrupted or truncated")
+        raw = f.read(n)
+    if len(raw) != n:
+        raise InputError(path, None, "file shrank while being read")
+    header = parse_json(raw, path, "header")
     if not isinstance(header, dict):
         raise InputError(path, None, "header is not a JSON object")
-    start = 8 + n
-    metadata = header.pop("__metadata__", None) or {}
-    entries = {}
-    for name, h in header.items():
-        try:
-            dtype = DTYPES[h["dtype"]]
-            shape = tuple(int(d) for d in h["shape"])
-            begin, end = (int(o) for o in h["data_offsets"])
-        except KeyError as e:
-            raise InputError(path, name, f"unsupported or missing header field {e}") from None
-        except (TypeError, ValueError):
-            raise InputError(path, name, "malformed header entry") from None
-        info = TensorInfo(shape, dtype)
-        if end - begin != info.nbytes or begin < 0:
-            raise InputError(path, name, f"byte range {begin}..{end} does not hold shape {list(shape)} {h['dtype']}")
-        if start + end > size:
-            raise InputError(path, name, f"data ends at byte {start + end} but the file has {size}: truncated")
-        entries[name] = (info, start + begin)
-    return entries, metadata, start
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InputError(path, None, "header's __metadata__ is not a map of strings to strings")
+    start, room = 8 + n, size - 8 - n
+    spans = {name: _entry(path, name, h, room) for name, h in header.items()}
+    _check_tiling(path, spans, room)
+    return {name: (info, start + begin) for name, (info, begin, _) in spans.items()}, metadata, start
+
+
+def _entry(path: str, name: str, h, room: int) -> tuple[TensorInfo, int, int]:
+    """One header entry as (info, begin, end) in the data buffer of `room` bytes."""
+    if type(h) is not dict or h.keys() != _FIELDS:
+        got = sorted(h) if isinstance(h, dict) else type(h).__name__
+        raise InputError(path, name, f"header entry must have exactly the fields dtype, shape, data_offsets (got {got})")
+    dtype, shape, offsets = h["dtype"], h["shape"], h["data_offsets"]
+    if type(dtype) is not str or dtype not in DTYPES:
+        if dtype in OTHER_DTYPES:
+            raise InputError(path, name, dtype_refusal(dtype))
+        raise InputError(path, name, f"unknown dtype {str(dtype)[:40]!r}")
+    if not _counts(shape):
+        raise InputError(path, name, f"shape {str(shape)[:80]} is not a list of integers from 0 to 2^64-1")
+    if not _counts(offsets) or len(offsets) != 2:
+        raise InputError(path, name, f"data_offsets {str(offsets)[:80]} is not a pair of integers from 0 to 2^64-1")
+    info = TensorInfo(tuple(shape), DTYPES[dtype])
+    begin, end = offsets
+    need = _nbytes_within(info, room)
+    if need is None:
+        raise InputError(path, name, f"{dtype} shape {str(shape)[:80]} needs more bytes than the file's {room} bytes "
+                                     "of data")
+    if end - begin != need:
+        raise InputError(path, name, f"byte range {begin}..{end} does not hold {dtype} shape {shape} ({need} bytes)")
+    return info, begin, end
+
+
+def _counts(x) -> bool:
+    """A list of integers in 0..2^64-1 (not bools, not floats), checked in C-speed builtins."""
+    return type(x) is list and set(map(type, x)) <= _INT and (not x or (min(x) >= 0 and max(x) <= _MAX_DIM))
+
+
+def _nbytes_within(info: TensorInfo, room: int) -> int | None:
+    """The tensor's byte size, or None when it exceeds `room` (huge dims never multiply out)."""
+    if 0 in info.shape:
+        return 0
+    n = info.dtype.itemsize
+    for d in info.shape:
+        n *= d
+        if n > room:
+            return None
+    return n
+
+
+def _check_tiling(path: str, spans: dict, room: int) -> None:
+    """The data buffer must be covered exactly: sorted by offset, each tensor starts where
+    the previous one ended (no gap, no overlap), and the last ends at the end of the file."""
+    pos, prev = 0, None
+    for name, (_, begin, end) in sorted(spans.items(), key=lambda kv: kv[1][1:]):
+        if begin < pos:
+            raise InputError(path, name, f"bytes {begin}..{end} overlap tensor '{prev}' (which ends at {pos})")
+        if begin > pos:
+            raise InputError(path, name, f"bytes {begin}..{end} leave a gap of {begin - pos} bytes before them")
+        pos, prev = end, name
+    if pos > room:
+        raise InputError(path, prev, f"data ends at byte {pos} of the data buffer but the file holds {room}: truncated")
+    if pos < room:
+        raise InputError(path, None, f"{room - pos} bytes after the last tensor are not described by the header: "
+                                     "corrupted file")
 
 
 def read_tensor(path: str, info: TensorInfo, offset: int) -> torch.Tensor:
     """Read one tensor into fresh memory (no mmap)."""
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(offset)
         got = f.readinto(buf.numpy()) if info.nbytes else 0
     if got != info.nbytes:
@@ -117,9 +184,14 @@ class SafetensorsWriter:
         header = _header_bytes(layout, metadata)
         self._start = 8 + len(header)
         self._pending = set(infos)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self._fd, struct.pack("<Q", len(header)) + header, 0)
-        os.ftruncate(self._fd, self._start + pos)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            with naming(path):
+                os.pwrite(self._fd, struct.pack("<Q", len(header)) + header, 0)
+                os.ftruncate(self._fd, self._start + pos)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         pos, info = self._offsets[name]
@@ -127,16 +199,18 @@ class SafetensorsWriter:
             raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {info.shape} {info.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view, at = memoryview(data), self._start + pos
-        while view:
-            done = os.pwrite(self._fd, view, at)
-            view, at = view[done:], at + done
+        with naming(self.path):
+            while view:
+                done = os.pwrite(self._fd, view, at)
+                view, at = view[done:], at + done
         self._pending.discard(name)
 
     def close(self) -> None:
         if self._fd is None:
             return
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        with naming(self.path):
+            os.close(fd)
         if self._pending:
             raise RuntimeError(f"{self.path}: {len(self._pending)} tensors were never written, e.g. {sorted(self._pending)[0]}")
 

@@ -2,7 +2,9 @@
 
 A method maps one batch -- base [L, *shape] and task vectors tau [L, T, *shape] in the
 compute dtype -- to the update Delta: a dense tensor [L, *shape] or a `LowRank` factorisation.
-The engine adds alpha * Delta to the base. Methods never know which backend runs.
+The engine adds alpha * Delta to the base. Methods never know which backend runs. Each method
+declares its options once (`tsvmerge.options.Option`); `merge()` and the command line derive
+theirs from the declarations.
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from ..options import Option
 
 
 @dataclass
@@ -25,14 +29,14 @@ class Method:
     name: str
     fn: Callable
     spectral: bool          # 2-D tensors take the spectral path
-    options: tuple          # option names the method accepts
+    options: tuple          # Option declarations
     doc: str
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, spectral: bool = False, options: tuple = ()):
+def register(name: str, *, spectral: bool = False, options: tuple[Option, ...] = ()):
     def wrap(fn):
         METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0])
         return fn

@@ -1,18 +1,17 @@
 import torch
 
+from ..options import Option, fraction
 from . import register
 
 
-@register("ties", options=("density",))
-def ties(base, tau, *, density: float = 0.2, **_):
+@register("ties", options=(Option("density", fraction, 0.2, "fraction of each task's entries kept"),))
+def ties(base, tau, *, density: float, **_):
     """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean; scaled by alpha.
 
     Trimming keeps each task's top `density` fraction of entries by magnitude per tensor
     (as mergekit does), since a merge streams one tensor group at a time.
     """
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"ties: density must be in (0, 1], got {density}")
-    flat = tau.flatten(2)                                         # [L, T, N]
+    flat = tau.reshape(*tau.shape[:2], -1)                        # [L, T, N]; a scalar is N = 1
     keep = max(1, round(density * flat.shape[-1]))
     if keep < flat.shape[-1]:
         threshold = flat.abs().kthvalue(flat.shape[-1] - keep + 1, dim=-1, keepdim=True).values

@@ -1,7 +1,13 @@
-"""TSV-Merge (Gargiulo et al., CVPR 2025)."""
+"""TSV-Merge (Gargiulo et al., CVPR 2025), and the steps it shares with the STI analysis."""
+from dataclasses import dataclass
+
 import torch
 
+from ..lowrank import drop_null_directions
+from ..options import Option, optional, positive_int
 from . import LowRank, register
+
+ORTHOGONALIZE = ("procrustes", "whiten")
 
 
 def concat_tasks(x: torch.Tensor) -> torch.Tensor:
@@ -19,24 +25,46 @@ def sti(gu: torch.Tensor, s: torch.Tensor, gv: torch.Tensor) -> torch.Tensor:
     return ((gu - eye) * s.unsqueeze(-2) @ (gv - eye)).abs().sum((-2, -1))
 
 
-@register("tsv", spectral=True, options=("orthogonalize", "k", "report_sti"))
-def tsv(base, tau, *, path, k=None, backend=None, svd=None, orthogonalize="procrustes",
-        report_sti=True, **_):
+@dataclass
+class Concatenated:
+    """Every task's top-k factors side by side (steps 2-3 of TSV-M), with their Grams."""
+    u: torch.Tensor         # [L, m, T*k]
+    s: torch.Tensor         # [L, T*k]
+    v: torch.Tensor         # [L, n, T*k]
+    gu: torch.Tensor        # U^T U, shared by STI and orthogonalisation
+    gv: torch.Tensor
+    k: int
+    energy: torch.Tensor    # [L, T], see TaskSVD
+    passes: torch.Tensor | None = None
+    capped: torch.Tensor | None = None
+
+
+def concatenated_factors(tau, k: int, backend, svd=None) -> Concatenated:
+    """The task SVDs of a batch (or those the engine made from stored factors, `svd`), each
+    task's null directions dropped (`lowrank.drop_null_directions`), concatenated across tasks."""
+    if svd is None:
+        svd = backend.task_svd(tau, None, k)
+    svd = drop_null_directions(svd)
+    u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
+    k = svd.s.shape[-1]
+    return Concatenated(u, s, v, backend.factor_gram(u), backend.factor_gram(v), k, svd.energy, svd.passes, svd.capped)
+
+
+@register("tsv", spectral=True, options=(
+    Option("k", optional(positive_int), None, "per-task rank (default floor(min(m, n) / T))"),
+    Option("orthogonalize", str, "procrustes", "how to orthogonalise the concatenated factors", choices=ORTHOGONALIZE),
+))
+def tsv(base, tau, *, path, k, backend, svd=None, orthogonalize, **_):
     """TSV-M: top-k SVD per task, orthogonalise the concatenated factors, rebuild."""
     if path != "spectral":
         return tau.mean(1), {}
-    if svd is None:
-        svd = backend.task_svd(tau, None, k)
-    u, s, v = concat_tasks(svd.u), svd.s.flatten(1), concat_tasks(svd.v)
-    kk = svd.s.shape[-1]
-    gu, gv = backend.factor_gram(u, kk), backend.factor_gram(v, kk)   # shared by STI and orthogonalisation
-    stats = {"energy": svd.energy, "passes": svd.passes, "capped": svd.capped}
-    if report_sti:
-        stats["sti"] = sti(gu, s, gv)
-    ru, rv = backend.orthogonal_root(u, orthogonalize, kk, gu), backend.orthogonal_root(v, orthogonalize, kk, gv)
+    f = concatenated_factors(tau, k, backend, svd)
+    stats = {"energy": f.energy, "passes": f.passes, "capped": f.capped, "sti": sti(f.gu, f.s, f.gv)}
+    ru, rv = (backend.polar_root(x, orthogonalize, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
     if ru is None:
-        return LowRank(backend.orthogonalize(u, orthogonalize, kk, gu), s, backend.orthogonalize(v, orthogonalize, kk, gv)), stats
-    return folded_update(u, ru, s, rv, v), stats
+        uo, vo = (backend.polar(x, orthogonalize, g) for x, g in ((f.u, f.gu), (f.v, f.gv)))
+        return LowRank(uo, f.s, vo), stats
+    return folded_update(f.u, ru, f.s, rv, f.v), stats
 
 
 def folded_update(u, ru, s, rv, v) -> LowRank:

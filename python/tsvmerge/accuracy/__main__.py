@@ -13,12 +13,13 @@ import time
 
 import torch
 
+from ..io import claim, publishing, write_json
 from . import benchmark, plots
 from .data import TASKS, load_splits
 from .model import ViTConfig
 from .table import render
 from .train import TrainConfig
-from .zoo import load_or_build
+from .checkpoints import load_or_build
 
 FULL = (ViTConfig(), TrainConfig())
 # The reduced run of the slow test: a tinier model, a few epochs, 3 tasks (sets of 2 and 3), a coarse grid.
@@ -45,8 +46,22 @@ def parse(argv):
     return a
 
 
+def made_here(folder: str) -> bool:
+    """A results folder this benchmark wrote (its files, and its results.json): a re-run may
+    replace it, and nothing else."""
+    try:
+        files = os.listdir(folder)
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+    except (OSError, ValueError):
+        return False
+    ours = all(f in ("results.json", "table.md") or f.endswith(".png") for f in files)
+    return ours and isinstance(results, dict) and {"config", "timing"} <= set(results)
+
+
 def main(argv=None) -> int:
     a = parse(argv)
+    target = claim(a.out, folder=True, overwrite=made_here(a.out))      # before minutes of training
     start = time.perf_counter()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -64,15 +79,14 @@ def main(argv=None) -> int:
                          "threads": a.threads, "workers": a.workers,
                          "split_sizes": {k: len(v.digits) for k, v in splits.items()},
                          "tasks": {t.name: t.description for t in tasks}}
-    os.makedirs(a.out, exist_ok=True)
-    figures = plots.write_all(results, zoo, a.out)
-    results["timing"] = {"train_s": round(zoo.built_s, 1), "merge_and_eval_s": round(results.pop("seconds"), 1),
-                         "total_s": round(time.perf_counter() - start, 1)}
-    table = render(results)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(table)
+    with publishing(target) as (folder,):
+        figures = plots.write_all(results, zoo, folder)
+        results["timing"] = {"train_s": round(zoo.built_s, 1), "merge_and_eval_s": round(results.pop("seconds"), 1),
+                             "total_s": round(time.perf_counter() - start, 1)}
+        table = render(results)
+        write_json(os.path.join(folder, "results.json"), results)
+        with open(os.path.join(folder, "table.md"), "w") as f:
+            f.write(table)
     print(table)
     t = results["timing"]
     print(f"wrote {os.path.join(a.out, 'table.md')}, results.json and {len(figures)} plots; "

@@ -54,6 +54,7 @@ def test_cli_flags_follow_declarations(tmp_path, seed, capsys):
     import json, os
     rep = json.load(open(os.path.join(out, "tsvmerge_report.json")))
     assert rep["backend"]["krylov"] is False and rep["backend"]["power_iters"] == 2
+    assert rep["backend"]["energy_target"] is None      # the fixed schedule's flags choose it
     for bad in (["--k", "-1"], ["--density", "0.3", "--method", "tsv"], ["--power-iters", "x"],
                 ["--backend", "reference", "--svd", "exact"]):
         assert main(["merge", *paths, "-o", str(tmp_path / "o2"), "--no-progress", *bad]) == 2, bad

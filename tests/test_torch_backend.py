@@ -233,7 +233,8 @@ def test_fixed_schedule_without_a_target(seed):
 
 @pytest.mark.parametrize("options, message", [
     ({"energy_target": 1.5}, "energy_target"), ({"energy_target": 0.0}, "energy_target"),
-    ({"energy_estimate": False}, "energy_estimate"), ({"max_passes": 2}, "max_passes")])
+    ({"energy_estimate": False}, "energy_estimate"), ({"max_passes": 2}, "max_passes"),
+    ({"energy_target": 0.99, "power_iters": 2}, "power_iters"), ({"energy_target": 0.99, "krylov": False}, "krylov")])
 def test_energy_options_are_checked(options, message):
     with pytest.raises(ValueError, match=message):
         get_backend("torch", **options)
@@ -256,6 +257,6 @@ def test_cli_energy_flags(tmp_path, capsys):
     assert {e["passes"] for e in reports["fixed"]["tensors"].values() if "passes" in e} == {4}
     assert reports["capped"]["summary"]["capped"] and "capped: visual." in printed
     assert reports["target"]["backend"]["energy_target"] == 0.99
-    with pytest.raises(SystemExit):
-        main(["merge", zoo.base, *zoo.finetuned, "-o", str(tmp_path / "bad"), "--energy-target", "1.5"])
-    assert "energy target must be in (0, 1]" in capsys.readouterr().err
+    assert main(["merge", zoo.base, *zoo.finetuned, "-o", str(tmp_path / "bad"), "--energy-target", "1.5"]) == 2
+    assert "option energy_target='1.5': expected a number in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

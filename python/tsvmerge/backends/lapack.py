@@ -70,23 +70,43 @@ def _eigh_on_this_thread(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.linalg.eigh(a)
 
 
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _eigh_pool
+    if _eigh_pool is None:  # torch's thread count is per thread: one each in the pool
+        _eigh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigh",
+                                                           initializer=torch.set_num_threads, initargs=(1,))
+    return _eigh_pool
+
+
+def _split_over_threads(a: torch.Tensor) -> bool:
+    flat_batch = a.numel() // (a.shape[-1] * a.shape[-2])
+    return not a.is_cuda and torch.get_num_threads() >= 2 and flat_batch >= 2 and \
+        flat_batch * a.shape[-1] ** 3 >= THREADED_EIGH_WORK
+
+
 def sym_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`primitives.sym_eigh`, scheduled: on CPU each thread runs single-threaded LAPACK on
     its share of the batch. As fast as threaded LAPACK on a quiet machine (768^2 fp64 on 2
     cores: 0.050 s vs 0.052 s per matrix, 0.095 s on one thread) and, with no fork/join
     barrier, it degrades gently when another process holds a core.
     """
-    global _eigh_pool
-    threads = torch.get_num_threads()
-    flat = a.reshape(-1, *a.shape[-2:])
-    if a.is_cuda or threads < 2 or flat.shape[0] < 2 or flat.shape[0] * a.shape[-1] ** 3 < THREADED_EIGH_WORK:
+    if not _split_over_threads(a):
         with serial_lapack(a):
             return torch.linalg.eigh(a)
-    if _eigh_pool is None:  # torch's thread count is per thread: one each in the pool
-        _eigh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigh",
-                                                           initializer=torch.set_num_threads, initargs=(1,))
+    threads = torch.get_num_threads()
+    flat = a.reshape(-1, *a.shape[-2:])
     openblas = _numpy_openblas()
     with openblas.limit(limits=1) if openblas is not None else contextlib.nullcontext():
-        parts = list(_eigh_pool.map(_eigh_on_this_thread, flat.tensor_split(threads)))
+        parts = list(_pool(threads).map(_eigh_on_this_thread, flat.tensor_split(threads)))
     w = torch.cat([p[0] for p in parts]).reshape(a.shape[:-1])
     return w, torch.cat([p[1] for p in parts]).reshape(a.shape)
+
+
+def sym_eigvalsh(a: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of symmetric a [..., n, n], ascending, scheduled as `sym_eigh`."""
+    if not _split_over_threads(a):
+        with serial_lapack(a):
+            return torch.linalg.eigvalsh(a)
+    threads = torch.get_num_threads()
+    flat = a.reshape(-1, *a.shape[-2:])
+    return torch.cat(list(_pool(threads).map(torch.linalg.eigvalsh, flat.tensor_split(threads)))).reshape(a.shape[:-1])

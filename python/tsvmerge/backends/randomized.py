@@ -9,7 +9,6 @@ Fast backends subclass this and override the hooks (`sketch`, `delta_matmul`,
 """
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 import itertools
 
@@ -52,8 +51,9 @@ class TorchBackend(Backend):
     OPTIONS = (
         Option("svd", str, "randomized", "top-k SVD of each task matrix", choices=("randomized", "exact")),
         Option("oversample", non_negative_int, 10, "oversampling p of the randomized SVD"),
-        Option("power_iters", non_negative_int, 1, "Krylov blocks (or power iterations) q after the sketch"),
-        Option("krylov", boolean, True, "block Krylov range finder; off: subspace iteration"),
+        Option("power_iters", non_negative_int, 1,
+               "fixed schedule: Krylov blocks (or power iterations) q after the sketch (choosing it sets energy_target none)"),
+        Option("krylov", boolean, True, "fixed schedule: block Krylov range finder; off: subspace iteration"),
         Option("energy_estimate", boolean, True, "estimate each tensor's captured energy for the report"),
         Option("energy_target", optional(fraction), DEFAULT_ENERGY_TARGET,
                "Krylov blocks per task matrix until a bound on its captured energy reaches this "
@@ -67,9 +67,14 @@ class TorchBackend(Backend):
         self.svd, self.oversample, self.power_iters = o["svd"], o["oversample"], o["power_iters"]
         self.krylov, self.energy_estimate = o["krylov"], o["energy_estimate"]
         self.energy_target, self.max_passes = o["energy_target"], o["max_passes"]
-        if self.energy_target is not None and not self.energy_estimate:
-            raise ValueError("energy_target needs the energy bound: energy_estimate=False only goes "
-                             "with energy_target=None (the fixed schedule)")
+        # power_iters and krylov describe the fixed schedule: giving one chooses it
+        fixed = sorted({"power_iters", "krylov"} & set(options))
+        if fixed and "energy_target" not in options:
+            self.energy_target = None
+        if self.energy_target is not None and (fixed or not self.energy_estimate):
+            raise ValueError(f"energy_target={self.energy_target} adds Krylov blocks to an energy target; "
+                             f"{', '.join(fixed) or 'energy_estimate=False'} only goes with "
+                             "energy_target=None (the fixed schedule)")
 
     def describe(self) -> dict:
         return {**super().describe(), "svd": self.svd, "oversample": self.oversample, "power_iters": self.power_iters,
@@ -214,7 +219,7 @@ class TorchBackend(Backend):
         # the same rounding floor as the fixed schedule's Krylov blocks (see _krylov_range)
         floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
         z = _project_out(_project_out(y, kr.qs), kr.qs)
-        kr.qz = P.range_basis(P.range_basis(z, floor))
+        kr.qz = P.range_basis(P.range_basis(z, floor, eigh=self.sym_eigh), eigh=self.sym_eigh)
         kr.s = (kr.qz.mT @ z).double()
 
     def _right_form(self, kr, k):
@@ -224,7 +229,7 @@ class TorchBackend(Backend):
         here only for matrices whose previous bound was near the target (`_finish` makes
         them for any other matrix that finishes)."""
         c = kr.s.shape[-1]
-        with P.serial_lapack(kr.theta):     # small matrices: LAPACK's threads cost more than they save
+        with lapack.serial_lapack(kr.theta):     # small matrices: LAPACK's threads cost more than they save
             chol, live = _cholesky_with_zero_columns(kr.theta)
             x = torch.linalg.solve_triangular(chol[..., -c:, -c:].mT, kr.s, upper=True, left=False)   # X L_ll^T = S
         fit = _Fit(chol, live, x)
@@ -238,7 +243,7 @@ class TorchBackend(Backend):
             fit.vec[near] = vec.flip(-1)[..., :k]
             fit.has_vec = near
         if not bool(near.all()):
-            sig2[~near] = _eigvalsh(gtg[~near])
+            sig2[~near] = lapack.sym_eigvalsh(gtg[~near])
         fit.sig2 = sig2.flip(-1).clamp_min(0)
         fit.kept = fit.sig2[..., :k].sum(-1)
         return fit
@@ -263,13 +268,13 @@ class TorchBackend(Backend):
         the residual, and A X_i rode along the forward passes, so it costs no pass."""
         x, ax = torch.cat(kr.xs, -1), torch.cat(kr.axs, -1)
         bx = torch.cat([q.mT @ ax for q in kr.qs], -2).double()                  # B X = Q^T A X
-        with P.serial_lapack(bx):
+        with lapack.serial_lapack(bx):
             pbx = torch.linalg.solve_triangular(fit.chol, bx, upper=False)       # P^T X
         gram = self.gram(x).double() - pbx.mT @ pbx                              # of (I - PP^T) X
         basis = kr.qs + [kr.qz]
         coef = fit.times_g(pbx).to(ax.dtype).split([b.shape[-1] for b in basis], -2)
         av = (ax - _blocks_times(basis, coef)).double()                          # A (I - PP^T) X
-        with P.serial_lapack(gram):
+        with lapack.serial_lapack(gram):
             lam, vec = torch.linalg.eigh(gram)
             keep = lam > lam[..., -1:] * 1e-8
             white = vec * torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam)).unsqueeze(-2)
@@ -285,7 +290,7 @@ class TorchBackend(Backend):
         if bool(missing.any()):
             vec[missing] = self.sym_eigh(sub.gtg()[missing])[1].flip(-1)[..., :k]
         s = sub.sig2[..., :k].sqrt()
-        with P.serial_lapack(vec):
+        with lapack.serial_lapack(vec):
             cv = torch.linalg.solve_triangular(sub.chol.mT, vec, upper=True)
         dtype = kr.qs[0].dtype
         cu = (sub.times_g(vec) / s.clamp_min(torch.finfo(s.dtype).tiny).unsqueeze(-2)).to(dtype)
@@ -578,26 +583,7 @@ def _energy_ceiling_of(theta, s, x, rho, free, k):
     m[..., w:, w - c:w] = s
     m[..., w - c:w, w:] = s.mT
     m[..., w:, w:] = x @ x.mT + torch.diag_embed(rho.unsqueeze(-1).expand(*rho.shape, c))
-    return _top_k_with_slots(_eigvalsh(m), rho, free, k)
-
-
-_eigvalsh_pool = None
-
-
-def _eigvalsh(a):
-    """Eigenvalues of symmetric a [..., n, n], ascending. On CPU the batch is split over threads
-    with single-threaded LAPACK each, as `primitives.sym_eigh` does for eigh (a values-only
-    mode there would be this helper's home)."""
-    global _eigvalsh_pool
-    threads = torch.get_num_threads()
-    flat = a.reshape(-1, *a.shape[-2:])
-    if a.is_cuda or threads < 2 or flat.shape[0] < 2 or flat.shape[0] * a.shape[-1] ** 3 < P.THREADED_EIGH_WORK:
-        with P.serial_lapack(a):
-            return torch.linalg.eigvalsh(a)
-    if _eigvalsh_pool is None:     # torch's thread count is per thread: one each in the pool
-        _eigvalsh_pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tsvmerge-eigvalsh",
-                                                               initializer=torch.set_num_threads, initargs=(1,))
-    return torch.cat(list(_eigvalsh_pool.map(torch.linalg.eigvalsh, flat.tensor_split(threads)))).reshape(a.shape[:-1])
+    return _top_k_with_slots(lapack.sym_eigvalsh(m), rho, free, k)
 
 
 def _top_k_with_slots(ev, rho, free, k):

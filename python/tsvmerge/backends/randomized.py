@@ -257,7 +257,12 @@ class TorchBackend(Backend):
         rho = RHO_MARGIN[len(kr.qs) > 1] * self._residual_norm(kr, fit)
         free = (d - kr.rank() - kr.s.shape[-1]).clamp(0, k)
         ceiling = _top_k_with_slots(fit.sig2, rho, free, k)
-        near = (fit.kept >= self.energy_target * ceiling) | last
+        # Ky Fan: adding rho J (rank c) raises a top-k sum by at most min(k, c) rho, so this
+        # looser ceiling holds too; where it already meets the target, no eigensolve is needed
+        loose = ceiling + min(k, kr.s.shape[-1]) * rho
+        enough = fit.kept >= self.energy_target * loose
+        near = ((fit.kept >= self.energy_target * ceiling) | last) & ~enough
+        ceiling[enough] = loose[enough]
         if bool(near.any()):
             ceiling[near] = _energy_ceiling_of(kr.theta[near], kr.s[near], fit.x[near], rho[near], free[near], k)
         return ceiling

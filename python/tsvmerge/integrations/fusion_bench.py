@@ -62,7 +62,7 @@ class _PoolAlgorithm(BaseAlgorithm):
 
     def __init__(self, exclude_keys=None, preset=None, backend: str = "auto", device=None,
                  compute_dtype: str = "float32", seed: int = 0, batch_bytes=None, svd=None, power_iters=None,
-                 oversample=None, workdir=None, **kwargs):
+                 oversample=None, energy_target=None, max_passes=None, workdir=None, **kwargs):
         self.exclude_keys = list(exclude_keys or [])
         self.preset = preset
         self.backend = backend
@@ -71,6 +71,7 @@ class _PoolAlgorithm(BaseAlgorithm):
         self.seed = seed
         self.batch_bytes = batch_bytes
         self.svd, self.power_iters, self.oversample = svd, power_iters, oversample
+        self.energy_target, self.max_passes = energy_target, max_passes
         self.workdir = workdir
         super().__init__(**kwargs)
 
@@ -79,7 +80,8 @@ class _PoolAlgorithm(BaseAlgorithm):
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         options = {"exclude": self.exclude_keys, "preset": self.preset, "backend": self.backend, "device": device,
                    "compute_dtype": self.compute_dtype, "seed": self.seed, "batch_bytes": self.batch_bytes,
-                   "svd": self.svd, "power_iters": self.power_iters, "oversample": self.oversample}
+                   "svd": self.svd, "power_iters": self.power_iters, "oversample": self.oversample,
+                   "energy_target": self.energy_target, "max_passes": self.max_passes}
         return {k: v for k, v in options.items() if v is not None}
 
     @contextlib.contextmanager

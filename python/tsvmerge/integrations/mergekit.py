@@ -59,6 +59,8 @@ def tsv(batch: TensorBatch,
         svd: Optional[Literal["randomized", "exact"]] = None,
         power_iters: Optional[int] = None,
         oversample: Optional[int] = None,
+        energy_target: Optional[float] = None,
+        max_passes: Optional[int] = None,
         seed: int = 0,
         compute_dtype: str = "float32") -> torch.Tensor:
     """mergekit's batch kernel: the base and the fine-tunes, each [L, *shape]."""
@@ -66,7 +68,8 @@ def tsv(batch: TensorBatch,
     finetuned = [t for i, t in enumerate(batch.tensors) if i != batch.base_index]
     weight = weight if isinstance(weight, torch.Tensor) else None
     return merge_stack(base, finetuned, weight, alpha=alpha, spectral=spectral, k=k, orthogonalize=orthogonalize,
-                       backend=backend, svd=svd, power_iters=power_iters, oversample=oversample, seed=seed,
+                       backend=backend, svd=svd, power_iters=power_iters, oversample=oversample,
+                       energy_target=energy_target, max_passes=max_passes, seed=seed,
                        compute_dtype=compute_dtype)
 
 
@@ -111,7 +114,7 @@ def _method_014():
     def _typed(parameters) -> dict:
         """0.1.4's config holds every parameter as a float: restore the ints and the bool."""
         out = dict(parameters.items())
-        for name in ("k", "power_iters", "oversample", "seed"):
+        for name in ("k", "power_iters", "oversample", "max_passes", "seed"):
             out[name] = None if out[name] is None else int(out[name])
         out["spectral"] = bool(out["spectral"])
         return out

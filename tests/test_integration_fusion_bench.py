@@ -55,6 +55,7 @@ def fusion_bench_tsvm(pool):
     (["method.backend=reference"], 1e-5),         # exact SVDs and an SVD polar factor, as FusionBench's
     (["method.backend=torch", "method.svd=exact"], 1e-2),
     ([], 1e-2),                                    # the default: randomized SVD
+    (["method.energy_target=0.999", "method.max_passes=7"], 1e-2),   # the energy target's options reach it
 ])
 def test_cli_tsvmerge_equals_fusion_bench_tsvm(pool, fusion_bench_tsvm, tmp_path, options, tolerance):
     """The reference backend is within fp32 rounding of FusionBench's TSV-M (relative to the

@@ -106,3 +106,15 @@ def test_merge_state_dicts_batches_layers(seed, dtype):
 def test_tsvmerge_mergekit_help_lists_mergekit_options():
     proc = run_tool(["tsvmerge-mergekit", "--help"], cwd=os.getcwd())
     assert "--copy-tokenizer" in proc.stdout and "CONFIG_FILE" in proc.stdout
+
+
+def test_energy_target_options_reach_the_backend(seed):
+    """energy_target and max_passes in a config's parameters reach the torch backend's checks."""
+    from mergekit.merge_methods import merge_state_dicts
+    tsv_mergekit.register()
+    base, finetuned = random_zoo(seed, T, ODD_SHAPES)
+    models = {"base": base, **{f"ft{i}": sd for i, sd in enumerate(finetuned)}}
+    with pytest.raises(ValueError, match="max_passes"):
+        merge_state_dicts(models, "tsv", base="base", parameters={"backend": "torch", "max_passes": 2})
+    with pytest.raises(ValueError, match="energy_target"):
+        merge_state_dicts(models, "tsv", base="base", parameters={"backend": "torch", "energy_target": 1.5})

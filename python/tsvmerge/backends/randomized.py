@@ -175,8 +175,11 @@ class TorchBackend(Backend):
         hooks = (self.delta_matmul_t, self.delta_matmul) if transposed else (self.delta_matmul, self.delta_matmul_t)
         mats = _ActiveMatrices(finetuned, base, *hooks)
         rows = torch.arange(L * T, device=finetuned.device)
-        kr = _Krylov(self.orthonormalize(self.sketch(finetuned, base, c, transposed).flatten(0, 1)),
-                     self._short_probe(L * T, d))
+        # a rank-revealing first block: directions of a rank-deficient task at rounding level
+        # become zero columns (Cholesky-QR would make them unit columns that the right form's
+        # L^-T then scales up into the factors, above the null-direction rule's tolerance)
+        q = self._basis(self.sketch(finetuned, base, c, transposed).flatten(0, 1))
+        kr = _Krylov(q, self._short_probe(L * T, d, q.dtype))
         parts = []
         for stage in itertools.count():
             self._krylov_stage(mats, rows, kr)
@@ -197,10 +200,11 @@ class TorchBackend(Backend):
             kr.qs.append(kr.qz)
         return _assemble(parts, L, T, transposed)
 
-    def _short_probe(self, batch, dim):
-        """Seeded Gaussian [batch, dim, PROBE_COLUMNS] on the short side, one for every matrix."""
+    def _short_probe(self, batch, dim, dtype):
+        """Seeded Gaussian [batch, dim, PROBE_COLUMNS] on the short side, one for every matrix,
+        in the basis's dtype (the products' accumulation dtype, fp32 for bf16 compute)."""
         gen = torch.Generator(device="cpu").manual_seed(self.seed + 1)
-        x = torch.randn(dim, PROBE_COLUMNS, generator=gen).to(self.device, self.compute_dtype)
+        x = torch.randn(dim, PROBE_COLUMNS, generator=gen).to(self.device, dtype)
         return x.expand(batch, -1, -1)
 
     def _krylov_stage(self, mats, rows, kr):
@@ -216,11 +220,17 @@ class TorchBackend(Backend):
         kr.xs.append(x)
         kr.axs.append(ax)
         kr.probe = ax
-        # the same rounding floor as the fixed schedule's Krylov blocks (see _krylov_range)
-        floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
         z = _project_out(_project_out(y, kr.qs), kr.qs)
-        kr.qz = P.range_basis(P.range_basis(z, floor, eigh=self.sym_eigh), eigh=self.sym_eigh)
+        kr.qz = self._basis(z, scale=y)
         kr.s = (kr.qz.mT @ z).double()
+
+    def _basis(self, y, scale=None):
+        """Orthonormal columns for y's directions above rounding, zero columns for the rest; the
+        floor is the fixed schedule's for Krylov blocks (see _krylov_range), relative to `scale`
+        (the block before its projection) or to y."""
+        scale = y if scale is None else scale
+        floor = torch.linalg.vector_norm(scale, dim=(-2, -1)).double() ** 2 * (scale.shape[-2] * (10 * torch.finfo(scale.dtype).eps) ** 2)
+        return P.range_basis(P.range_basis(y, floor, eigh=self.sym_eigh), eigh=self.sym_eigh)
 
     def _right_form(self, kr, k):
         """The SVD of A P with P = B^T L^-T (Theta = B B^T = L L^T). In the coordinates of

@@ -3,6 +3,8 @@ the readers of another git revision (default main), in one process on one file.
 
     python benchmarks/bench_readers.py [--against main] [--tensors 2000]
 
+Results go to benchmarks/results/bench_readers-<device>-<commit>-<time>.{json,md}.
+
 Small tensors (1 KiB) make the per-read overhead (stat, open, checks) visible; a real
 merge reads tensors of MBs, where it vanishes.
 """
@@ -12,9 +14,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 import torch
+
+from recording import RESULTS, Record, least, timed
 
 from tsvmerge.io import safetensors as ours
 
@@ -36,35 +39,42 @@ def load_revision(rev: str, folder: str):
 
 
 def best_of_both(fn_a, fn_b, repeats=30):
-    """The fastest of `repeats` alternating runs of each: on a loaded machine the minimum is the
-    run that was not interrupted."""
+    """The least wall time of `repeats` alternating runs of each: on a loaded machine the least is
+    the run that nothing interrupted, and alternating shares any drift in the load."""
     times = ([], [])
     for _ in range(repeats):
         for fn, out in zip((fn_a, fn_b), times):
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return min(times[0]), min(times[1])
+            out.append(timed(fn)[1])
+    return least(times[0]).wall_s, least(times[1]).wall_s
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--against", default="main")
     ap.add_argument("--tensors", type=int, default=2000)
+    ap.add_argument("--results", default=RESULTS)
     a = ap.parse_args()
+    record = Record("bench_readers", "cpu", a.results)
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         old = load_revision(a.against, folder)
         path = os.path.join(folder, "x.safetensors")
         g = torch.Generator().manual_seed(0)
         ours.save_file({f"blocks.{i}.weight": torch.randn(256, generator=g) for i in range(a.tensors)}, path)
-        print(f"{a.tensors} tensors of 1 KiB, header {os.path.getsize(path) - a.tensors * 1024} bytes; "
-              f"load average {os.getloadavg()[0]:.1f}")
+        header = os.path.getsize(path) - a.tensors * 1024
+        print(f"{a.tensors} tensors of 1 KiB, header {header} bytes; load average {os.getloadavg()[0]:.1f}")
         entries = list(ours.read_header(path)[0].values())
         for label, fn in (("read_header", lambda m: m.read_header(path)),
                           ("read every tensor", lambda m: [m.read_tensor(path, i, o) for i, o in entries])):
             t_old, t_new = best_of_both(lambda: fn(old), lambda: fn(ours))
+            rows.append({"step": label, "against_ms": t_old * 1e3, "this_tree_ms": t_new * 1e3, "ratio": t_new / t_old})
             print(f"{label:18s} {a.against}: {t_old * 1e3:8.2f} ms   this tree: {t_new * 1e3:8.2f} ms   "
                   f"ratio {t_new / t_old:.2f}")
+    lines = [f"One file of {a.tensors} tensors of 1 KiB (header {header} bytes); the least of 30 alternating runs each.",
+             "", f"| step | {a.against} ms | this tree ms | ratio |", "|---|---|---|---|",
+             *[f"| {r['step']} | {r['against_ms']:.2f} | {r['this_tree_ms']:.2f} | {r['ratio']:.2f} |" for r in rows]]
+    record.write({"against": a.against, "tensors": a.tensors, "rows": rows},
+                 f"Strict safetensors readers against {a.against}", lines)
 
 
 if __name__ == "__main__":

@@ -23,19 +23,21 @@ from tsvmerge.io import safetensors as ours
 
 
 def load_revision(rev: str, folder: str):
-    """The io package's safetensors module as it is at `rev`, importable on its own."""
-    pkg = os.path.join(folder, "old_io")
-    os.makedirs(pkg)
+    """The safetensors module of tsvmerge as it is at `rev`, importable beside this tree's (as
+    `old_tsvmerge.io.safetensors`): the package's modules at `rev`, with empty `__init__.py`
+    files, so only safetensors.py and what it imports load."""
     root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
-    files = subprocess.run(["git", "ls-tree", "--name-only", rev, "python/tsvmerge/io/"], cwd=root,
+    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "python/tsvmerge/"], cwd=root,
                            capture_output=True, text=True, check=True).stdout.split()
-    for path in files:
-        text = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=True).stdout
-        with open(os.path.join(pkg, os.path.basename(path)), "w") as f:
+    for path in [p for p in files if p.endswith(".py")]:
+        target = os.path.join(folder, "old_tsvmerge", os.path.relpath(path, "python/tsvmerge"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        text = "" if path.endswith("__init__.py") else subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, check=True).stdout
+        with open(target, "w") as f:
             f.write(text)
-    open(os.path.join(pkg, "__init__.py"), "w").close()      # only safetensors.py and what it imports load
     sys.path.insert(0, folder)
-    return importlib.import_module("old_io.safetensors")
+    return importlib.import_module("old_tsvmerge.io.safetensors")
 
 
 def best_of_both(fn_a, fn_b, repeats=30):

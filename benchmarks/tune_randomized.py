@@ -24,8 +24,7 @@ import torch
 
 from recording import RESULTS, Record, least, repeated, timed
 
-from tsvmerge import primitives as P
-from tsvmerge.backends import get_backend
+from tsvmerge.backends import get_backend, lapack
 from tsvmerge.zoo import SPECTRA, make_zoo_dicts
 
 REAL_CACHE = os.path.join("~", ".cache", "tsvmerge", "accuracy")
@@ -53,9 +52,9 @@ def synthetic(spec: str, spectrum: str):
 
 def real(cache: str, tasks: int):
     """The accuracy benchmark's encoder and its first `tasks` fine-tunes (trained if not cached)."""
+    from tsvmerge.accuracy.__main__ import FULL
+    from tsvmerge.accuracy.checkpoints import load_or_build
     from tsvmerge.accuracy.data import TASKS, load_splits
-    from tsvmerge.accuracy.demo import FULL
-    from tsvmerge.accuracy.zoo import load_or_build
     zoo = load_or_build(cache, list(TASKS[:tasks]), *FULL, load_splits())
     names = [t.name for t in TASKS[:tasks]]
     return "accuracy-benchmark ViT", f"real x{tasks}", zoo.pretrained, [zoo.finetuned[n] for n in names]
@@ -117,7 +116,7 @@ def main():
         del base, finetuned
         exact, t_ref = [], 0.0
         for k, tau in groups:
-            with P.serial_lapack(tau):      # threaded LAPACK on a busy machine: 20x slower, seen here
+            with lapack.serial_lapack(tau):      # threaded LAPACK on a busy machine: 20x slower, seen here
                 s, t = timed(torch.linalg.svdvals, tau.double())
             exact.append((s[..., :k] ** 2).sum(-1))
             t_ref += t.cpu_s

@@ -3,23 +3,20 @@
 Batched symmetric eigh (default 20 tasks x 98 layers = 1960 matrices of 64 x 64 in fp64, the
 range finder's small problem as the engine sends it) against torch.linalg.eigh on the same batch
 (target: >= 10x on an H100), and Cholesky-QR2 of tall-skinny fp32 panels against
-torch.linalg.qr and tsvmerge's torch CholQR2. Writes benchmarks/results/cuda_kernels_<device>.json
-and .md.
+torch.linalg.qr and tsvmerge's torch CholQR2; each time the median of its timed runs after an untimed
+one. Writes benchmarks/results/bench_cuda-<device>-<commit>-<time>.{json,md}.
 
     python benchmarks/bench_cuda.py [--batch 1960] [--n 64] [--eigh-dtype float64] [--m 3072] [--c 64]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import re
-import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from recording import RESULTS, Record, median, repeated
+
 EIGH_TARGET_SPEEDUP = 10.0
 
 
@@ -33,22 +30,12 @@ def parse_args(argv=None):
     parser.add_argument("--c", type=int, default=64, help="CholQR2 panel width, <= 128 (default 64)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs of each fast kernel (median)")
     parser.add_argument("--repeat-torch", type=int, default=3, help="timed runs of torch.linalg (median)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--out", default=RESULTS, help=f"results folder (default {RESULTS})")
     return parser.parse_args(argv)
 
 
 def median_ms(fn, repeat: int) -> float:
-    """Median wall time of fn() on the current stream in ms, after one warm-up run."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return median(repeated(fn, repeat, "cuda", warmup=1)).wall_s * 1e3
 
 
 def bench_eigh(args) -> dict:
@@ -94,12 +81,10 @@ def bench_cholqr(args) -> dict:
     }
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict) -> list:
     e, q = result["eigh"], result["cholesky_qr2"]
-    return "\n".join([
-        f"# CUDA kernels on {result['device']}",
-        "",
-        f"torch {result['torch']}, kernels launched by {result['launcher']}.",
+    return [
+        f"Kernels launched by {result['launcher']}.",
         "",
         "| step | shape | cuda (ms) | torch (ms) | speedup | accuracy |",
         "|---|---|---|---|---|---|",
@@ -110,8 +95,7 @@ def markdown(result: dict) -> str:
         f"(linalg.qr), {q['torch_cholqr2_ms']:.3f} (torch CholQR2) | {q['speedup_vs_qr']:.1f}x vs qr, "
         f"{q['speedup_vs_torch_cholqr2']:.1f}x vs torch CholQR2 | orth {q['orthogonality_error']:.1e}, "
         f"routes {q['routes']} |",
-        "",
-    ])
+    ]
 
 
 def main(argv=None) -> int:
@@ -126,20 +110,16 @@ def main(argv=None) -> int:
         print("bench_cuda: tsvmerge._C has no CUDA kernels and CuPy is not importable; nothing to run.",
               file=sys.stderr)
         return 1
+    record = Record("bench_cuda", "cuda", args.out)
     device = torch.cuda.get_device_name()
     result = {
         "device": device,
-        "torch": torch.__version__,
         "launcher": "tsvmerge._C" if cuda_ops.compiled_with_cuda() else "CuPy NVRTC",
         "eigh": bench_eigh(args),
         "cholesky_qr2": bench_cholqr(args),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cuda_kernels_{re.sub(r'[^A-Za-z0-9]+', '_', device).strip('_')}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {stem}.json and {stem}.md")
+    record.write(result, f"CUDA kernels on {device}", markdown(result))
+    print("\n".join(markdown(result)))
     return 0
 
 

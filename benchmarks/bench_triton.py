@@ -3,22 +3,20 @@
 Shapes are ViT-L-14 x 20 tasks: c_fc 4096x1024, in_proj 3072x1024, out_proj 1024x1024 and
 c_proj 1024x4096, 24 layers each, sketch width c = k + p (k = 1024 // 20 = 51, p = 10). For
 every kernel: its time, the memory floor (bytes it must move / peak bandwidth), the compute
-floor (flops / peak rate), the torch reference's time on the same inputs, and the autotuned
-config chosen. Writes benchmarks/results/triton_kernels_<device>.json and .md.
+floor (flops / peak rate), the torch reference's time on the same inputs (both the median of
+`--repeat` timed runs after an untimed one, which autotunes and compiles), and the autotuned config
+chosen. Writes benchmarks/results/bench_triton-<device>-<commit>-<time>.{json,md}.
 
     python benchmarks/bench_triton.py [--layers 24] [--tasks 20] [--dtype fp32] [--tf32]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from recording import RESULTS, Record, median, repeated
 VIT_L14 = {"c_fc": (4096, 1024), "in_proj": (3072, 1024), "out_proj": (1024, 1024), "c_proj": (1024, 4096)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Dense peaks by device name (first match wins): HBM GB/s, fp32 CUDA-core TFLOP/s, TF32 tensor-core TFLOP/s.
@@ -36,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", nargs="+", choices=VIT_L14, default=list(VIT_L14), help="shape groups to run")
     parser.add_argument("--peak-gbps", type=float, help="override the device's peak memory bandwidth (GB/s)")
     parser.add_argument("--peak-tflops", type=float, help="override the device's peak rate for the dot precision")
-    parser.add_argument("--out", type=Path, default=RESULTS, help=f"results folder (default {RESULTS})")
+    parser.add_argument("--repeat", type=int, default=20, help="timed runs of each kernel (median; default 20)")
+    parser.add_argument("--out", default=RESULTS, help=f"results folder (default {RESULTS})")
     return parser.parse_args(argv)
 
 
@@ -49,13 +48,6 @@ def device_peaks(name: str, args) -> tuple[float | None, float | None]:
             break
     gbps, tflops = args.peak_gbps or gbps, args.peak_tflops or tflops
     return (gbps and gbps * 1e9), (tflops and tflops * 1e12)
-
-
-def bench_ms(fn) -> float:
-    """Median time of fn in ms; the first call (autotuning, compilation) is not timed."""
-    import triton.testing
-    fn()
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
 def config_str(config) -> str:
@@ -93,7 +85,8 @@ def shape_group(name, m, n, args, peaks):
     def row(kernel, ours, reference, bytes_, flops, autotuned):
         triton_out = ours()
         torch_out = reference()
-        triton_ms, torch_ms = bench_ms(ours), bench_ms(reference)
+        triton_ms, torch_ms = (median(repeated(fn, args.repeat, "cuda", warmup=1)).wall_s * 1e3
+                               for fn in (ours, reference))
         bw, rate = peaks
         floors = {"memory_ms": bw and bytes_ / bw * 1e3, "compute_ms": rate and flops / rate * 1e3}
         floor = max((f for f in floors.values() if f), default=None)
@@ -145,8 +138,7 @@ def shape_group(name, m, n, args, peaks):
 def markdown(report) -> str:
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     a = report["args"]
-    lines = [f"# Triton kernels on {report['device']}", "",
-             f"ViT-L-14 shapes, {a['layers']} layers x {a['tasks']} tasks, {a['dtype']} checkpoints, "
+    lines = [f"ViT-L-14 shapes, {a['layers']} layers x {a['tasks']} tasks, {a['dtype']} checkpoints, "
              f"{'TF32' if a['tf32'] else 'ieee fp32'} dots; triton {report['triton']}, torch {report['torch']}. "
              f"Peaks: {fmt(report['peak_gbps'], '.0f')} GB/s, {fmt(report['peak_tflops'], '.1f')} TFLOP/s.", "",
              "| shape | kernel | triton ms | torch ms | speedup | memory floor ms | compute floor ms | "
@@ -166,7 +158,7 @@ def markdown(report) -> str:
     lines += ["", "Floors: memory = bytes a kernel must move once (inputs read, output written) / peak "
               "bandwidth; compute = useful flops / peak rate for the dot precision (the Gram counts its "
               "upper triangle). floor / triton is the larger floor over the kernel's time."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None):
@@ -175,20 +167,16 @@ def main(argv=None):
         sys.exit("bench_triton.py needs a CUDA GPU: no CUDA device is visible to torch.")
     import triton
 
+    record = Record("bench_triton", "cuda", args.out)
     name = torch.cuda.get_device_name()
     peaks = device_peaks(name, args)
     rows = []
     for shape in args.shapes:
         rows += shape_group(shape, *VIT_L14[shape], args, peaks)
         torch.cuda.empty_cache()
-    report = {"device": name, "triton": triton.__version__, "torch": torch.__version__,
-              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    report = {"device": name, "triton": triton.__version__, "torch": torch.__version__, "args": vars(args),
               "peak_gbps": peaks[0] and peaks[0] / 1e9, "peak_tflops": peaks[1] and peaks[1] / 1e12, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"triton_kernels_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(f"wrote {stem}.json and .md")
+    record.write(report, f"Triton kernels on {name}", markdown(report))
 
 
 if __name__ == "__main__":

@@ -21,18 +21,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from throughput import device_label, drop_from_page_cache, git_commit  # noqa: E402
+from recording import RESULTS, Record, evict, loadavg, run_child, timer
 
-RESULTS = os.path.join(HERE, "results")
 MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -126,18 +121,14 @@ def dense_child(cfg: dict) -> None:
 
 # -- measuring ----------------------------------------------------------------------------------
 def measure(argv: list, inputs: list) -> dict:
-    """Run argv in a child; wall time, its own peak RSS, and the load average around it."""
-    drop_from_page_cache(inputs)
-    load = [round(x, 1) for x in os.getloadavg()]
-    start = time.perf_counter()
-    child = subprocess.Popen(argv)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(argv[:4])} ... failed with exit code {os.waitstatus_to_exitcode(status)}")
-    return {"wall_s": round(wall, 2), "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 3),
-            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1), "loadavg_start": load,
-            "loadavg_end": [round(x, 1) for x in os.getloadavg()]}
+    """Run argv in a child; wall time, its own CPU time and peak RSS, and the load average around it."""
+    evict(inputs)
+    start = loadavg()
+    run = run_child(argv)
+    if run["returncode"] != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed with exit code {run['returncode']}")
+    return {"wall_s": round(run["wall_s"], 2), "peak_rss_gb": round(run["peak_rss_gb"], 3),
+            "cpu_s": round(run["cpu_s"], 1), "loadavg_start": start, "loadavg_end": loadavg()}
 
 
 def max_relative_difference(a: str, b: str, names: list) -> float:
@@ -172,17 +163,16 @@ def main():
     if free < need:
         raise SystemExit("not enough free disk: pass --scratch on a larger file system")
     work = tempfile.mkdtemp(prefix="tsvmerge-lora-bench-", dir=args.scratch)
-    meta = {"argv": sys.argv[1:], "commit": git_commit(), "device_label": device_label("cpu"),
-            "torch": torch.__version__, "started": time.strftime("%Y%m%dT%H%M%S"), "cores": os.cpu_count(),
-            "base_gb": round(base_bytes / 1e9, 3), "largest_base_tensor_gb": round(largest / 1e9, 4)}
+    record = Record("lora_merge", "cpu", args.results)
+    summary = {"base_gb": round(base_bytes / 1e9, 3), "largest_base_tensor_gb": round(largest / 1e9, 4)}
     try:
         base = os.path.join(work, "base")
-        start = time.perf_counter()
-        write_base(base, model, seed=0)
-        adapters = [os.path.join(work, f"adapter{t}") for t in range(args.adapters)]
-        for t, folder in enumerate(adapters):
-            write_adapter(folder, model, args.rank, args.alpha, seed=t + 1)
-        meta["write_inputs_s"] = round(time.perf_counter() - start, 1)
+        with timer() as t:
+            write_base(base, model, seed=0)
+            adapters = [os.path.join(work, f"adapter{i}") for i in range(args.adapters)]
+            for i, folder in enumerate(adapters):
+                write_adapter(folder, model, args.rank, args.alpha, seed=i + 1)
+        summary["write_inputs_s"] = round(t.wall_s, 1)
         inputs = [os.path.join(base, "model.safetensors")] + [os.path.join(a, "adapter_model.safetensors") for a in adapters]
         out_lora, out_dense = os.path.join(work, "merged-lora"), os.path.join(work, "merged-dense")
         rows = {"lora": measure([sys.executable, "-m", "tsvmerge.cli", "merge", base, *adapters, "-o", out_lora,
@@ -193,37 +183,29 @@ def main():
             cfg = {"base": base, "adapters": adapters, "out": out_dense}
             rows["dense"] = measure([sys.executable, os.path.abspath(__file__), "--dense-child", json.dumps(cfg)], inputs)
             names = [n for n in model if len(model[n]) == 2][:7]
-            meta["max_relative_weight_difference"] = max_relative_difference(out_lora, out_dense, names)
+            summary["max_relative_weight_difference"] = max_relative_difference(out_lora, out_dense, names)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    write_results(meta, rows, args)
+    write_results(record, summary, rows, args)
 
 
-def write_results(meta: dict, rows: dict, args) -> None:
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"lora_merge-{meta['device_label']}-{meta['commit']}-{meta['started']}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# LoRA merge: {args.adapters} adapters of rank {args.rank}, hidden {args.hidden}, intermediate "
-             f"{args.intermediate}, {args.layers} layers", "",
-             f"`python benchmarks/lora_merge.py {' '.join(meta['argv'])}` at {meta['commit']}; {meta['cores']} cores, "
-             f"torch {meta['torch']}; bf16 base of {meta['base_gb']} GB, largest tensor {meta['largest_base_tensor_gb']} GB.",
+def write_results(record: Record, summary: dict, rows: dict, args) -> None:
+    lines = [f"bf16 base of {summary['base_gb']} GB, largest tensor {summary['largest_base_tensor_gb']} GB.",
              "", "| run | wall s | CPU s | peak RSS GB | load average at start, end |", "|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['wall_s']} | {r['cpu_s']} | {r['peak_rss_gb']} | {r['loadavg_start']}, "
                      f"{r['loadavg_end']} |")
     lora = rows["lora"]
     lines += ["", f"- LoRA merge peak RSS over the largest base tensor: "
-              f"{lora['peak_rss_gb'] - meta['largest_base_tensor_gb']:.2f} GB (target <= 2 GB)."]
+              f"{lora['peak_rss_gb'] - summary['largest_base_tensor_gb']:.2f} GB (target <= 2 GB)."]
     if "dense" in rows:
         lines.append(f"- Densify-and-merge over LoRA merge, wall: {rows['dense']['wall_s'] / lora['wall_s']:.1f}x "
                      f"(target >= 20x); CPU: {rows['dense']['cpu_s'] / lora['cpu_s']:.1f}x.")
-        lines.append(f"- The two merged models differ by at most {meta['max_relative_weight_difference']:.2e} "
+        lines.append(f"- The two merged models differ by at most {summary['max_relative_weight_difference']:.2e} "
                      "(relative, bf16 weights as written, first layer's matrices).")
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    record.write({"summary": summary, "rows": rows}, f"LoRA merge: {args.adapters} adapters of rank {args.rank}, hidden "
+                 f"{args.hidden}, intermediate {args.intermediate}, {args.layers} layers", lines)
     print("\n".join(lines))
-    print(f"-> {stem}.md")
 
 
 if __name__ == "__main__":

@@ -24,14 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import sys
 import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from throughput import RESULTS, device_label, drop_from_page_cache, git_commit, spawn  # noqa: E402
+from recording import RESULTS, Record, evict, spawn, timer
 
 IMPLS = ("fusion_bench", "reference", "torch")
 
@@ -47,18 +43,18 @@ def merge_memory(cfg: dict, impl: str):
     from tsvmerge.zoo import make_zoo_dicts
     base, finetuned = make_zoo_dicts(cfg["arch"], cfg["tasks"], cfg["layers"])
     rss = rss_gb()
-    start, cpu = time.perf_counter(), time.process_time()
-    if impl == "fusion_bench":
-        from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
-        task_vectors = []
-        for i in range(len(finetuned)):          # as TaskSingularVectorMerging: keep the task vector, drop the model
-            task_vectors.append({k: finetuned[i][k] - base[k] for k in base})
-            finetuned[i] = None
-        update = compute_and_sum_svd_mem_reduction(task_vectors, accelerator="cpu")
-        merged = {k: base[k] + update[k] for k in base}
-    else:
-        merged = tsvmerge.merge(base, finetuned, backend=impl, progress=False)
-    return merged, base, rss, time.perf_counter() - start, time.process_time() - cpu
+    with timer() as t:
+        if impl == "fusion_bench":
+            from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+            task_vectors = []
+            for i in range(len(finetuned)):      # as TaskSingularVectorMerging: keep the task vector, drop the model
+                task_vectors.append({k: finetuned[i][k] - base[k] for k in base})
+                finetuned[i] = None
+            update = compute_and_sum_svd_mem_reduction(task_vectors, accelerator="cpu")
+            merged = {k: base[k] + update[k] for k in base}
+        else:
+            merged = tsvmerge.merge(base, finetuned, backend=impl, progress=False)
+    return merged, base, rss, t
 
 
 def merge_pool(cfg: dict, impl: str):
@@ -69,25 +65,24 @@ def merge_pool(cfg: dict, impl: str):
 
     from tsvmerge.integrations.fusion_bench import TSVMerge
     paths = cfg["pool"]
-    drop_from_page_cache([os.path.join(p, "model.safetensors") for p in paths.values()])
+    evict([os.path.join(p, "model.safetensors") for p in paths.values()])
     pool = CLIPVisionModelPool(DictConfig(paths))
     rss = rss_gb()
-    start, cpu = time.perf_counter(), time.process_time()
-    algorithm = TaskSingularVectorMerging(alpha=1.0) if impl == "fusion_bench" else TSVMerge(backend=impl)
-    merged = algorithm.run(pool).state_dict()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    with timer() as t:
+        algorithm = TaskSingularVectorMerging(alpha=1.0) if impl == "fusion_bench" else TSVMerge(backend=impl)
+        merged = algorithm.run(pool).state_dict()
     with torch.no_grad():
         base = pool.load_pretrained_model().state_dict()
-    return merged, base, rss, wall, cpu
+    return merged, base, rss, t
 
 
 def run_one(cfg: dict) -> dict:
     from safetensors.torch import save_file
     impl = cfg["impl"]
-    merged, base, rss, wall, cpu = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
+    merged, base, rss, t = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
     save_file({k: (merged[k].float() - base[k].float()).contiguous() for k in base if base[k].is_floating_point()},
               cfg["update_file"])
-    return {"wall_s": wall, "cpu_s": cpu, "rss_before_merge_gb": rss}
+    return {"wall_s": t.wall_s, "cpu_s": t.cpu_s, "rss_before_merge_gb": rss}
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -129,7 +124,7 @@ def run_zoo(name: str, base_cfg: dict, impls, scratch: str) -> list:
     for impl in impls:
         cfg = {**base_cfg, "impl": impl, "update_file": f"{stem}-{impl}.safetensors"}
         print(f"{name}: {impl} ...", flush=True)
-        row = {"zoo": name, "impl": impl, "part": cfg["part"], **spawn(cfg, __file__)}
+        row = {"zoo": name, "impl": impl, "part": cfg["part"], **spawn(__file__, cfg)}
         if "error" not in row:
             ref = f"{stem}-fusion_bench.safetensors"
             row.update(agreement(cfg["update_file"], ref) if os.path.exists(ref) else {})
@@ -163,16 +158,13 @@ def main():
     p.add_argument("--layers", type=int, default=12, help="blocks of the ViT-B-32 x 8 zoo and of the pool (of 12)")
     p.add_argument("--l14-layers", type=int, default=2, help="blocks of the ViT-L-14 x 20 zoo (0: skip it)")
     p.add_argument("--scratch", default=None, help="folder for the on-disk pool and the saved updates")
+    p.add_argument("--results", default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
-    import torch
-    meta = {"device_label": device_label("cpu"), "commit": git_commit(), "torch": torch.__version__,
-            "started": time.strftime("%Y%m%dT%H%M%S", time.gmtime()), "argv": sys.argv[1:],
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "loadavg_start": [round(x, 1) for x in os.getloadavg()]}
+    record = Record("peers", "cpu", args.results)
     scratch = tempfile.mkdtemp(prefix="tsvmerge-peers-", dir=args.scratch)
     rows = []
     try:
@@ -190,16 +182,8 @@ def main():
                             ("fusion_bench", "torch"), scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    meta["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"peers-{meta['device_label']}-{meta['commit']}-{meta['started']}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# FusionBench's TSV-M against tsvmerge ({meta['device_label']}, {meta['commit']}, {meta['started']})", "",
-             f"`python benchmarks/peers.py {' '.join(meta['argv'])}`; {meta['machine']}; torch {meta['torch']}; "
-             f"load average {meta['loadavg_start']} at the start, {meta['loadavg_end']} at the end.", "", *table(rows)]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    lines = table(rows)
+    record.write({"rows": rows}, "FusionBench's TSV-M against tsvmerge", lines)
     print("\n".join(lines))
 
 

@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from recording import RESULTS, Record, evict, spawn, timer
+
 FP32 = 4
 
 
@@ -47,16 +44,6 @@ def model_bytes(arch: str, layers: int | None) -> int:
 
 
 # -- one configuration, in a child process ---------------------------------------------
-def drop_from_page_cache(paths):
-    """Evict the inputs' pages so a from-disk run reads the disk (affects only these files)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def run_one(cfg: dict) -> dict:
     import psutil
     import torch
@@ -78,21 +65,17 @@ def run_one(cfg: dict) -> dict:
             base, finetuned = make_zoo_dicts(cfg["arch"], cfg["tasks"], cfg["layers"], spectrum=cfg["spectrum"])
         else:
             base, finetuned = cfg["zoo"]["base"], cfg["zoo"]["finetuned"]
-            drop_from_page_cache([base] + finetuned)
+            evict([base] + finetuned)
         rss_before = psutil.Process().memory_info().rss
         if cfg["device"].startswith("cuda"):
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        if cfg["source"] == "memory":
-            report_path = os.path.join(work, "report.json")
-            tsvmerge.merge(base, finetuned, report=report_path, **merge_args)
-        else:
-            tsvmerge.merge(base, finetuned, out=os.path.join(work, "merged"), **merge_args)
-            report_path = os.path.join(work, "merged", "tsvmerge_report.json")
-        if cfg["device"].startswith("cuda"):
-            torch.cuda.synchronize()
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        with timer(cfg["device"]) as t:
+            if cfg["source"] == "memory":
+                report_path = os.path.join(work, "report.json")
+                tsvmerge.merge(base, finetuned, report=report_path, **merge_args)
+            else:
+                tsvmerge.merge(base, finetuned, out=os.path.join(work, "merged"), **merge_args)
+                report_path = os.path.join(work, "merged", "tsvmerge_report.json")
         with open(report_path) as f:
             report = json.load(f)
     finally:
@@ -103,8 +86,8 @@ def run_one(cfg: dict) -> dict:
     return {
         "mean_passes": sum(passes) / len(passes) if passes else None,
         "capped": len(report["summary"].get("capped", {})),
-        "wall_s": wall,
-        "cpu_s": cpu,
+        "wall_s": t.wall_s,
+        "cpu_s": t.cpu_s,
         "rss_before_merge_gb": rss_before / 1e9,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if cfg["device"].startswith("cuda") else None,
         "spectral_tensors": sum(e["path"] == "spectral" for e in entries),
@@ -114,35 +97,7 @@ def run_one(cfg: dict) -> dict:
     }
 
 
-def spawn(cfg: dict, script: str = __file__) -> dict:
-    """Run `script --one CFG` in a child; add its peak RSS (ru_maxrss of that child alone)."""
-    child = subprocess.Popen([sys.executable, os.path.abspath(script), "--one", json.dumps(cfg)],
-                             stdout=subprocess.PIPE, text=True)
-    out = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        return {"error": f"child exited with {child.returncode}"}
-    result = json.loads(out.strip().splitlines()[-1])
-    result["peak_rss_gb"] = usage.ru_maxrss * 1024 / 1e9  # Linux reports kilobytes
-    return result
-
-
 # -- the sweep ------------------------------------------------------------------------
-def device_label(device: str) -> str:
-    import torch
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device)).replace(" ", "-")
-    return f"cpu{os.cpu_count()}"
-
-
-def git_commit() -> str:
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = lambda *a: subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True).stdout.strip()
-    commit = run("rev-parse", "--short", "HEAD") or "nogit"
-    return commit + ("-dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def sweep(args) -> list[dict]:
     import psutil
     from tsvmerge.zoo import ARCHS, make_zoo
@@ -176,7 +131,7 @@ def sweep(args) -> list[dict]:
                                     folder = os.path.join(zoo_root, f"{arch}-T{tasks}-L{layers}")
                                     zoos[layers] = make_zoo(folder, arch, tasks, layers, spectrum=args.spectrum)
                                 cfg["zoo"] = {"base": zoos[layers].base, "finetuned": zoos[layers].finetuned}
-                            row.update(spawn(cfg))
+                            row.update(spawn(__file__, cfg))
                             if "wall_s" in row:
                                 measured = tasks * FP32 * spectral_numel(arch, layers)
                                 scale = spectral_numel(arch, full_layers) / spectral_numel(arch, layers)
@@ -226,14 +181,9 @@ def speedups(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(rows, args, meta) -> str:
-    os.makedirs(args.results, exist_ok=True)
-    stem = os.path.join(args.results, f"throughput-{meta['device_label']}-{meta['commit']}-{meta['started']}")
-    with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    lines = [f"# TSV-M merge throughput: {meta['device_label']}, commit {meta['commit']}", "",
-             f"{meta['machine']}; torch {meta['torch']}; load average {meta['loadavg_start']} at start, "
-             f"{meta['loadavg_end']} at end; zoo spectrum `{args.spectrum}`.", "",
+def write_results(rows, args, record: Record) -> str:
+    m = record.meta
+    lines = [f"Zoo spectrum `{args.spectrum}`.", "",
              "- wall s: the `tsvmerge.merge` call only (zoo generation and library warm-up excluded). "
              "From disk: safetensors in, merged model folder out, inputs evicted from the page cache first. "
              "In memory: state dicts in, state dict out.",
@@ -252,9 +202,7 @@ def write_results(rows, args, meta) -> str:
     if speed:
         lines += ["", "Speed-up over the exact reference (full-model wall times):", "",
                   "| arch | T | source | backend | speed-up |", "|---|---|---|---|---|", *speed]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return stem
+    return record.write({"rows": rows}, f"TSV-M merge throughput: {m['device_label']}, commit {m['commit']}", lines)
 
 
 def parse(argv=None):
@@ -288,17 +236,11 @@ def main():
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
-    import torch
-    meta = {"device_label": device_label(args.device), "commit": git_commit(),
-            "started": time.strftime("%Y%m%dT%H%M%S", time.gmtime()), "torch": torch.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-            "loadavg_start": [round(x, 1) for x in os.getloadavg()], "argv": sys.argv[1:]}
+    record = Record("throughput", args.device, args.results)
     print(HEADER, flush=True)
     rows = sweep(args)
-    meta["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
-    stem = write_results(rows, args, meta)
+    write_results(rows, args, record)
     print("\n".join(speedups(rows)))
-    print(f"wrote {stem}.json and .md")
 
 
 if __name__ == "__main__":

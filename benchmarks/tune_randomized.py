@@ -17,19 +17,16 @@ Settings: `fixed` is energy_target=None (the fixed schedule: block Krylov, q = 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import time
 from collections import defaultdict
 
 import torch
 
-from tsvmerge import primitives as P
-from tsvmerge.backends import get_backend
+from recording import RESULTS, Record, least, repeated, timed
+
+from tsvmerge.backends import get_backend, lapack
 from tsvmerge.zoo import SPECTRA, make_zoo_dicts
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REAL_CACHE = os.path.join("~", ".cache", "tsvmerge", "accuracy")
 
 
@@ -55,18 +52,12 @@ def synthetic(spec: str, spectrum: str):
 
 def real(cache: str, tasks: int):
     """The accuracy benchmark's encoder and its first `tasks` fine-tunes (trained if not cached)."""
+    from tsvmerge.accuracy.__main__ import FULL
+    from tsvmerge.accuracy.checkpoints import load_or_build
     from tsvmerge.accuracy.data import TASKS, load_splits
-    from tsvmerge.accuracy.demo import FULL
-    from tsvmerge.accuracy.zoo import load_or_build
     zoo = load_or_build(cache, list(TASKS[:tasks]), *FULL, load_splits())
     names = [t.name for t in TASKS[:tasks]]
     return "accuracy-benchmark ViT", f"real x{tasks}", zoo.pretrained, [zoo.finetuned[n] for n in names]
-
-
-def cpu_time(fn, *args):
-    start = time.process_time()
-    out = fn(*args)
-    return out, time.process_time() - start
 
 
 def evaluate(groups, exact, settings, repeats):
@@ -76,8 +67,8 @@ def evaluate(groups, exact, settings, repeats):
         backend = get_backend("torch", **options)
         true, bound, passes, capped, seconds = [], [], [], 0, 0.0
         for (k, tau), top in zip(groups, exact):
-            svd, t = cpu_time(backend.task_svd, tau, None, k)
-            seconds += min([t] + [cpu_time(backend.task_svd, tau, None, k)[1] for _ in range(repeats - 1)])
+            svd, t = timed(backend.task_svd, tau, None, k)
+            seconds += least([t] + repeated(lambda: backend.task_svd(tau, None, k), repeats - 1)).cpu_s
             true.append(((svd.s.double() ** 2).sum(-1) / top).flatten())
             bound.append(svd.energy.double().flatten())
             passes.append(svd.passes.double().flatten())
@@ -114,6 +105,7 @@ def main():
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args()
 
+    record = Record("tune_randomized", "cpu", args.results)
     settings = [("fixed (q = 1)", {"energy_target": None})] + [(f"target {t:g}", {"energy_target": t}) for t in args.targets]
     sources = [lambda z=z, s=s: synthetic(z, s) for z in args.zoos for s in args.spectra]
     sources += [lambda t=t: real(args.real_cache, t) for t in args.real_tasks]
@@ -124,34 +116,25 @@ def main():
         del base, finetuned
         exact, t_ref = [], 0.0
         for k, tau in groups:
-            with P.serial_lapack(tau):      # threaded LAPACK on a busy machine: 20x slower, seen here
-                s, t = cpu_time(torch.linalg.svdvals, tau.double())
+            with lapack.serial_lapack(tau):      # threaded LAPACK on a busy machine: 20x slower, seen here
+                s, t = timed(torch.linalg.svdvals, tau.double())
             exact.append((s[..., :k] ** 2).sum(-1))
-            t_ref += t
+            t_ref += t.cpu_s
         print(f"\n{label}, {spectrum}: exact singular values {t_ref:.1f} CPU s\n{HEADER}", flush=True)
         zoos.append({"zoo": label, "spectrum": spectrum, "exact_cpu_s": t_ref, "rows": evaluate(groups, exact, settings, args.repeats)})
-    write(args, zoos)
+    write(record, args, zoos)
 
 
-def write(args, zoos):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "nogit"
-    stem = os.path.join(args.results, f"tune_randomized-cpu{os.cpu_count()}-{commit}")
-    os.makedirs(args.results, exist_ok=True)
-    with open(stem + ".json", "w") as f:
-        json.dump({"args": vars(args), "zoos": zoos}, f, indent=1)
-    lines = [f"# Randomized SVD: captured energy, its bound and passes (commit {commit})", "",
-             "Energy: kept sum s^2 / exact top-k sum s^2 per spectral task matrix, exact. Bound: the backend's "
+def write(record, args, zoos):
+    lines = ["Energy: kept sum s^2 / exact top-k sum s^2 per spectral task matrix, exact. Bound: the backend's "
              "`energy` (TaskSVD.energy, the report's `energy`); truth - bound < 0 would be a bound above the truth. "
              "Passes: products with each task matrix. Capped: matrices that stopped at max_passes below the target. "
              f"CPU s: process time of task_svd over all spectral tensors on {os.cpu_count()} CPUs, the least of "
-             f"{args.repeats} runs; load average at the end {[round(x, 1) for x in os.getloadavg()]}.", ""]
+             f"{args.repeats} runs.", ""]
     for zoo in zoos:
         lines += [f"## {zoo['zoo']}, {zoo['spectrum']}", "", HEADER, "|" + "---|" * (HEADER.count("|") - 1),
                   *[format_row(r) for r in zoo["rows"]], ""]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"wrote {stem}.json and .md")
+    record.write({"args": vars(args), "zoos": zoos}, "Randomized SVD: captured energy, its bound and passes", lines)
 
 
 if __name__ == "__main__":

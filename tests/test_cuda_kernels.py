@@ -43,6 +43,7 @@ def test_header_compiles_with_nvcc(header, tmp_path):
 
 def test_headers_include_only_siblings():
     """NVRTC has no host headers: a kernel header may include only other kernels/cuda headers."""
+    assert {"common.cuh", "jacobi_eigh.cuh", "cholesky_qr.cuh"} <= {h.name for h in HEADERS}, KERNEL_DIR
     for header in HEADERS:
         for line in header.read_text().splitlines():
             include = re.match(r'\s*#\s*include\s*([<"])([^>"]+)', line)

@@ -10,7 +10,7 @@ from .base import Backend, TaskSVD
 # name -> (module, class); fast backends import lazily so a CPU install never needs Triton.
 _REGISTRY = {
     "reference": ("tsvmerge.backends.reference", "ReferenceBackend"),
-    "torch": ("tsvmerge.backends.randomized", "TorchBackend"),
+    "torch": ("tsvmerge.backends.torch_backend", "TorchBackend"),
     "triton": ("tsvmerge.backends.triton", "TritonBackend"),
     "cuda": ("tsvmerge.backends.cuda", "CudaBackend"),
 }

@@ -22,7 +22,7 @@ from .. import cuda_ops
 try:
     from .triton import TritonBackend as _Base
 except ImportError:  # no Triton backend module, or triton itself is not installed
-    from .randomized import TorchBackend as _Base
+    from .torch_backend import TorchBackend as _Base
 
 
 def _why_eigh_declined(a: torch.Tensor) -> str | None:

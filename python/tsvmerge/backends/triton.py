@@ -13,7 +13,7 @@ from tsvmerge.kernels.triton import gram as _gram
 from tsvmerge.kernels.triton import lowrank_apply as _lowrank
 
 from ..options import Option, boolean
-from .randomized import TorchBackend
+from .torch_backend import TorchBackend
 
 
 def why_declined(tensors, dtypes) -> str | None:

@@ -23,7 +23,7 @@ import tsvmerge  # noqa: E402
 import tsvmerge.backends  # noqa: E402
 from conftest import random_zoo  # noqa: E402
 from tsvmerge import primitives as P  # noqa: E402
-from tsvmerge.backends.randomized import TorchBackend  # noqa: E402
+from tsvmerge.backends.torch_backend import TorchBackend  # noqa: E402
 from tsvmerge.backends.triton import TritonBackend  # noqa: E402
 from tsvmerge.kernels.triton import delta_sketch as D  # noqa: E402
 from tsvmerge.kernels.triton import gram as G  # noqa: E402

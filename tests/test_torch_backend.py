@@ -8,6 +8,7 @@ import tsvmerge
 from tsvmerge import primitives as P
 from tsvmerge.backends import get_backend
 from tsvmerge.methods.tsv import concat_tasks
+from tsvmerge.report import format_merge_report
 from tsvmerge.zoo import SPECTRA, Arch, make_zoo, make_zoo_dicts
 
 SMALL = Arch("small", width=96, layers=2, patch=16, image=64, output_dim=48)
@@ -221,6 +222,9 @@ def test_a_tensor_at_the_cap_is_reported(seed, tmp_path):
         entry = rep["tensors"][name]
         assert entry["capped"] and entry["passes"] == 3 and bound == entry["energy"] < 0.995
     assert rep["backend"]["energy_target"] == 0.995 and rep["backend"]["max_passes"] == 3
+    table = format_merge_report(rep).splitlines()        # what `tsvmerge demo` prints
+    assert {line.split()[1] for line in table if line.startswith("capped: ")} == set(capped)
+    assert any(line.startswith("spectral") and line.split()[5] == "3" for line in table)   # passes column
 
 
 def test_fixed_schedule_without_a_target(seed):

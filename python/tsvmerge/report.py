@@ -6,20 +6,25 @@ from collections import defaultdict
 
 
 def format_merge_report(rep: dict) -> str:
-    """One row per (path, shape) group: tensors, k, captured energy, STI, time."""
+    """One row per (path, shape) group: tensors, k, captured energy (the bound's minimum), the
+    most passes over a task matrix, STI, time."""
     groups = defaultdict(list)
     for name, e in rep["tensors"].items():
         groups[(e["path"], tuple(e["shape"]))].append(e)
-    lines = [f"{'path':9s} {'shape':>14s} {'tensors':>7s} {'k':>5s} {'energy est':>10s} {'STI mean':>10s} {'time s':>8s}"]
+    lines = [f"{'path':9s} {'shape':>14s} {'tensors':>7s} {'k':>5s} {'energy >=':>10s} {'passes':>6s} "
+             f"{'STI mean':>10s} {'time s':>8s}"]
     for (path, shape), es in sorted(groups.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         energy = [e["energy"] for e in es if "energy" in e]
         sti = [e["sti"] for e in es if "sti" in e]
+        passes = max((e["passes"] for e in es if "passes" in e), default="")
         lines.append(f"{path:9s} {'x'.join(map(str, shape)) or 'scalar':>14s} {len(es):7d} "
-                     f"{es[0].get('k', 0) or '':>5} {min(energy) if energy else float('nan'):10.4f} "
+                     f"{es[0].get('k', 0) or '':>5} {min(energy) if energy else float('nan'):10.4f} {passes:>6} "
                      f"{sum(sti) / len(sti) if sti else float('nan'):10.4g} {sum(e['time_s'] for e in es):8.3f}")
     s = rep["summary"]
     lines.append(f"{s['tensors']} tensors: {s['spectral']} spectral, {s['dense']} dense, {s['copy']} copied; "
                  f"backend {rep['backend']['backend']} on {rep['backend']['device']}; {s['wall_s']:.2f} s")
+    for name, bound in s.get("capped", {}).items():
+        lines.append(f"capped: {name} stopped at max_passes with captured energy >= {bound:.4f}")
     for name in s["fallbacks"]:
         lines.append(f"note: {name}: {rep['tensors'][name]['note']}")
     for primitive, reasons in rep["backend"].get("fallbacks", {}).items():

@@ -43,11 +43,11 @@ def shape_groups(base, tasks):
     return groups
 
 
-def synthetic(spec: str, spectrum: str):
+def synthetic(spec: str, spectrum: str, seed: int = 0):
     """ARCH:T:LAYERS -> (label, base, fine-tunes)."""
     arch, tasks, layers = spec.split(":")
-    base, finetuned = make_zoo_dicts(arch, int(tasks), int(layers), spectrum=spectrum)
-    return f"{arch} x{tasks}, {layers} block(s)", spectrum, base, finetuned
+    base, finetuned = make_zoo_dicts(arch, int(tasks), int(layers), seed=seed, spectrum=spectrum)
+    return f"{arch} x{tasks}, {layers} block(s){f', seed {seed}' if seed else ''}", spectrum, base, finetuned
 
 
 def real(cache: str, tasks: int):
@@ -102,6 +102,7 @@ def main():
     ap.add_argument("--real-tasks", nargs="*", type=int, default=[8, 12],
                     help="task counts of the accuracy benchmark's real fine-tunes to add (none: skip them)")
     ap.add_argument("--real-cache", default=REAL_CACHE, help="the accuracy benchmark's checkpoint cache")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="zoo seeds of the synthetic zoos")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.995])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting and tensor (the least counts)")
     ap.add_argument("--results", default=RESULTS)
@@ -109,7 +110,8 @@ def main():
 
     record = Record("tune_randomized", "cpu", args.results)
     settings = [("fixed (q = 1)", {"energy_target": None})] + [(f"target {t:g}", {"energy_target": t}) for t in args.targets]
-    sources = [lambda z=z, s=s: synthetic(z, s) for z in args.zoos for s in args.spectra]
+    sources = [lambda z=z, s=s, seed=seed: synthetic(z, s, seed) for z in args.zoos for s in args.spectra
+               for seed in args.seeds]
     sources += [lambda t=t: real(args.real_cache, t) for t in args.real_tasks]
     zoos = []
     for source in sources:

@@ -264,3 +264,22 @@ def test_cli_energy_flags(tmp_path, capsys):
     assert main(["merge", zoo.base, *zoo.finetuned, "-o", str(tmp_path / "bad"), "--energy-target", "1.5"]) == 2
     assert "option energy_target='1.5': expected a number in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.float64])
+def test_no_room_for_a_block_gives_the_exact_svd(seed, compute_dtype):
+    """T = 3: after the first block the next would not fit in the short side (3c > d), so a
+    matrix whose bound falls short gets the exact SVD (the short side's fp64 Gram below fp64
+    compute): its singular values and top-k subspaces are the reference's."""
+    base, tasks = make_zoo_dicts(MID, tasks=3, seed=seed % 1000, spectrum="flatfloor")
+    name = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    tau = torch.stack([t[name] - base[name] for t in tasks]).unsqueeze(0).to(compute_dtype)
+    k = min(tau.shape[-2:]) // 3
+    svd = get_backend("torch", compute_dtype=compute_dtype).task_svd(tau, None, k)
+    ref = get_backend("reference", compute_dtype=torch.float64).task_svd(tau.double(), None, k)
+    assert bool((svd.energy == 1.0).all()) and bool((svd.passes == 3).all())      # replaced, not capped
+    tol = 1e-10 if compute_dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(svd.s.double(), ref.s, rtol=tol, atol=0)
+    for mine, exact in ((svd.u, ref.u), (svd.v, ref.v)):    # same top-k subspace: projector distance
+        p, q = mine.double() @ mine.double().mT, exact @ exact.mT
+        assert float(torch.linalg.matrix_norm(p - q, ord=2).max()) < 1e3 * tol

@@ -328,7 +328,7 @@ def _finish(be, mats, rows, kr, fit, done, bound, passes, room, k, transposed):
                  torch.full_like(idx, passes), (bound[idx] < be.energy_target) & room)
     short = (bound[idx] < be.energy_target) & (not room)
     if bool(short.any()):
-        part.replace_exact(short, mats, k, be.compute_dtype, transposed)
+        part.replace_exact(short, mats, k, be, transposed)
     return part
 
 
@@ -437,18 +437,37 @@ class _Part:
     def __init__(self, rows, u, s, v, energy, passes, capped):
         self.rows, self.u, self.s, self.v, self.energy, self.passes, self.capped = rows, u, s, v, energy, passes, capped
 
-    def replace_exact(self, which, mats, k, dtype, transposed):
+    def replace_exact(self, which, mats, k, be, transposed):
         """The exact SVD for the rows in `which` (a matrix whose short side is nearly spanned)."""
         sub = self.rows[which]
         us, ss, vs = [], [], []
         for l, t0, t1, _ in mats.runs(sub):
-            svd = exact_task_svd(*mats.view(l, t0, t1), k, dtype)
+            svd = _exact_svd(be, *mats.view(l, t0, t1), k)
             us.append(svd.u[0]), ss.append(svd.s[0]), vs.append(svd.v[0])
         u, s, v = torch.cat(us), torch.cat(ss), torch.cat(vs)
         if transposed:
             u, v = v, u
         self.u[which], self.s[which], self.v[which] = u.to(self.u.dtype), s.to(self.s.dtype), v.to(self.v.dtype)
         self.energy[which] = 1.0
+
+
+def _exact_svd(be, finetuned, base, k) -> TaskSVD:
+    """The exact top-k SVD, through the short side's Gram in fp64 where the compute dtype is
+    fp32 or lower: tau tau^T = W diag(s^2) W^T (an eigh as wide as the short side), the other
+    factor tau^T W / s. LAPACK's SVD of the whole matrix costs several times more (768 x 3072),
+    and the fp64 Gram keeps s to ~1e-8 of s_1, far below fp32's null-direction tolerance
+    (~1e-4). fp64 compute keeps LAPACK's SVD, whose tolerance the Gram's rounding would not meet."""
+    if be.compute_dtype == torch.float64:
+        return exact_task_svd(finetuned, base, k, be.compute_dtype)
+    tau = P.upcast(finetuned) if base is None else P.upcast(finetuned) - P.upcast(base).unsqueeze(1)
+    wide = tau.shape[-2] <= tau.shape[-1]
+    t64 = tau.double()
+    lam, w = be.sym_eigh((t64 @ t64.mT) if wide else (t64.mT @ t64))
+    s = lam.flip(-1)[..., :k].clamp_min(0).sqrt()
+    w = w.flip(-1)[..., :k].to(tau.dtype)
+    other = (tau.mT @ w if wide else tau @ w) / s.clamp_min(torch.finfo(s.dtype).tiny).to(tau.dtype).unsqueeze(-2)
+    u, v = (w, other) if wide else (other, w)
+    return TaskSVD(u, s.to(tau.dtype), v, torch.ones(s.shape[:-1], dtype=torch.float64))
 
 
 def _assemble(parts, L, T, transposed) -> TaskSVD:

@@ -84,12 +84,17 @@ class _PoolAlgorithm(BaseAlgorithm):
 
     @contextlib.contextmanager
     def staged(self, modelpool):
-        """(pretrained model, its state dict, fine-tuned checkpoint paths, a temporary folder)."""
+        """(pretrained model, its state dict, the base to merge from, fine-tuned checkpoint
+        paths, a temporary folder). The base is the pretrained checkpoint's path when it holds
+        exactly the model's tensors: read from the file, a batch at a time, the model's own
+        (memory-mapped) weights are not paged in by the merge."""
         pretrained = modelpool.load_pretrained_model()
         reference = pretrained.state_dict()
+        path = _local_path(modelpool, "_pretrained_")
+        base = path if path is not None and holds_tensors(path, reference) else reference
         with tempfile.TemporaryDirectory(prefix="tsvmerge-", dir=self.workdir) as folder:
             tasks = stage_models(modelpool, modelpool.model_names, reference, folder)
-            yield pretrained, reference, tasks, folder
+            yield pretrained, reference, base, tasks, folder
 
 
 class TSVMerge(_PoolAlgorithm):
@@ -107,10 +112,10 @@ class TSVMerge(_PoolAlgorithm):
         super().__init__(**kwargs)
 
     def run(self, modelpool):
-        with self.staged(modelpool) as (pretrained, state, tasks, folder):
+        with self.staged(modelpool) as (pretrained, state, base, tasks, folder):
             options = {"k": self.k} if self.k is not None else {}
             merged_dir = os.path.join(folder, "merged")
-            report = tsvmerge.merge(state, tasks, method="tsv", alpha=self.alpha, orthogonalize=self.orthogonalize,
+            report = tsvmerge.merge(base, tasks, method="tsv", alpha=self.alpha, orthogonalize=self.orthogonalize,
                                     out=merged_dir, **options, **self.engine_options())
             merged = open_checkpoint(merged_dir)
             with torch.no_grad():
@@ -133,14 +138,14 @@ class TSVCompress(_PoolAlgorithm):
 
     def run(self, modelpool):
         models = {}
-        with self.staged(modelpool) as (pretrained, state, tasks, folder):
+        with self.staged(modelpool) as (pretrained, _, base, tasks, folder):
             for name, task in zip(modelpool.model_names, tasks):
                 out = os.path.join(self.out_dir or folder, f"{name}.tsvc.safetensors")
                 if self.out_dir:
                     os.makedirs(self.out_dir, exist_ok=True)
-                tsvmerge.compress(state, task, rank=self.rank, out=out, **self.engine_options())
+                tsvmerge.compress(base, task, rank=self.rank, out=out, **self.engine_options())
                 model = copy.deepcopy(pretrained)
-                model.load_state_dict(tsvmerge.decompress(state, out))
+                model.load_state_dict(tsvmerge.decompress(base, out))
                 models[name] = model
         return models
 
@@ -154,8 +159,8 @@ class TSVInterference(_PoolAlgorithm):
         super().__init__(**kwargs)
 
     def run(self, modelpool):
-        with self.staged(modelpool) as (pretrained, state, tasks, _):
-            report = tsvmerge.interference(state, tasks, k=self.k, **self.engine_options())
+        with self.staged(modelpool) as (pretrained, _, base, tasks, _):
+            report = tsvmerge.interference(base, tasks, k=self.k, **self.engine_options())
         report["models"] = list(modelpool.model_names)
         folder = self.output_dir or getattr(self._program, "log_dir", None) or os.getcwd()
         path = os.path.join(folder, "tsvmerge_sti.json")

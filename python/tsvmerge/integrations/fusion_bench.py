@@ -25,6 +25,11 @@ from tsvmerge.io import InputError, open_checkpoint
 
 log = logging.getLogger(__name__)
 
+# The batch budget when none is given (tsvmerge's own default is 1 GiB): the merge's peak
+# memory is a few batch budgets, and a FusionBench run holds the pretrained model beside it.
+# ViT-B/32 x 8 from disk (benchmarks/peers.py --parts pool): added peak RSS 0.44 GB, 3.4 GB at 1 GiB.
+BATCH_BYTES = 64 << 20
+
 
 def holds_tensors(path: str, reference: dict) -> bool:
     """Whether the checkpoint at `path` holds exactly `reference`'s names, shapes and dtypes."""
@@ -69,7 +74,7 @@ class _PoolAlgorithm(BaseAlgorithm):
         self.device = device
         self.compute_dtype = compute_dtype
         self.seed = seed
-        self.batch_bytes = batch_bytes
+        self.batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
         self.svd, self.power_iters, self.oversample = svd, power_iters, oversample
         self.workdir = workdir
         super().__init__(**kwargs)

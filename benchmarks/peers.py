@@ -13,11 +13,12 @@ pool: a FusionBench CLIPVisionModelPool of Hugging Face CLIPVisionModel checkpoi
   algorithm: its TaskSingularVectorMerging against tsvmerge's TSVMerge. The inputs are evicted
   from the page cache before each run.
 
-Each run is a child process (`--one`), so its peak RSS is its own; it saves its merged update
+Each run is a child process (`--one`), so its peak RSS is its own, taken when the merge returns
+(before the child forms and saves its update, which holds more than the merge); it saves its merged update
 Delta = theta - theta_0, and the parent reports each Delta's distance from FusionBench's,
 ||Delta - Delta_fb|| / ||Delta_fb|| per tensor (max and median), and the energy ratio
 ||Delta||^2 / ||Delta_fb||^2 summed over tensors. Results go to
-benchmarks/results/peers-<device>-<commit>-<time>.{json,md}.
+benchmarks/results/peers[-PART]-<device>-<commit>-<time>.{json,md} (PART when only one runs).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -40,6 +42,11 @@ IMPLS = ("fusion_bench", "reference", "torch")
 def rss_gb() -> float:
     import psutil
     return psutil.Process().memory_info().rss / 1e9
+
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS so far (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def merge_memory(cfg: dict, impl: str):
@@ -58,7 +65,7 @@ def merge_memory(cfg: dict, impl: str):
         merged = {k: base[k] + update[k] for k in base}
     else:
         merged = tsvmerge.merge(base, finetuned, backend=impl, progress=False)
-    return merged, base, rss, time.perf_counter() - start, time.process_time() - cpu
+    return merged, base, rss, peak_rss_gb(), time.perf_counter() - start, time.process_time() - cpu
 
 
 def merge_pool(cfg: dict, impl: str):
@@ -75,19 +82,19 @@ def merge_pool(cfg: dict, impl: str):
     start, cpu = time.perf_counter(), time.process_time()
     algorithm = TaskSingularVectorMerging(alpha=1.0) if impl == "fusion_bench" else TSVMerge(backend=impl)
     merged = algorithm.run(pool).state_dict()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    wall, cpu, peak = time.perf_counter() - start, time.process_time() - cpu, peak_rss_gb()
     with torch.no_grad():
         base = pool.load_pretrained_model().state_dict()
-    return merged, base, rss, wall, cpu
+    return merged, base, rss, peak, wall, cpu
 
 
 def run_one(cfg: dict) -> dict:
     from safetensors.torch import save_file
     impl = cfg["impl"]
-    merged, base, rss, wall, cpu = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
+    merged, base, rss, peak, wall, cpu = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
     save_file({k: (merged[k].float() - base[k].float()).contiguous() for k in base if base[k].is_floating_point()},
               cfg["update_file"])
-    return {"wall_s": wall, "cpu_s": cpu, "rss_before_merge_gb": rss}
+    return {"wall_s": wall, "cpu_s": cpu, "rss_before_merge_gb": rss, "merge_peak_rss_gb": peak}
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -139,7 +146,7 @@ def run_zoo(name: str, base_cfg: dict, impls, scratch: str) -> list:
 
 
 def table(rows: list) -> list:
-    lines = ["| zoo | implementation | wall (s) | CPU (s) | vs FusionBench, wall / CPU | peak RSS (GB) "
+    lines = ["| zoo | implementation | wall (s) | CPU (s) | vs FusionBench, wall / CPU | peak RSS of the merge (GB) "
              "| RSS added by the merge (GB) | max / median rel. diff from FusionBench | energy ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     fb = {r["zoo"]: r for r in rows if r["impl"] == "fusion_bench" and "error" not in r}
@@ -149,10 +156,11 @@ def table(rows: list) -> list:
             continue
         ref = fb.get(r["zoo"])
         speed = f"{ref['wall_s'] / r['wall_s']:.2f}x / {ref['cpu_s'] / r['cpu_s']:.2f}x" if ref else ""
-        added = r["peak_rss_gb"] - r["rss_before_merge_gb"]
+        peak = r["merge_peak_rss_gb"]     # the child's peak when the merge returned, before its update is saved
+        added = peak - r["rss_before_merge_gb"]
         diff = f"{r['max_rel_diff']:.2e} / {r['median_rel_diff']:.2e}" if "max_rel_diff" in r else ""
         energy = f"{r['energy_ratio']:.5f}" if "energy_ratio" in r else ""
-        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {speed} | {r['peak_rss_gb']:.2f} "
+        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {speed} | {peak:.2f} "
                      f"| {added:.2f} | {diff} | {energy} |")
     return lines
 
@@ -192,7 +200,8 @@ def main():
         shutil.rmtree(scratch, ignore_errors=True)
     meta["loadavg_end"] = [round(x, 1) for x in os.getloadavg()]
     os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"peers-{meta['device_label']}-{meta['commit']}-{meta['started']}")
+    parts = "" if len(args.parts) == 2 else f"-{args.parts[0]}"
+    stem = os.path.join(RESULTS, f"peers{parts}-{meta['device_label']}-{meta['commit']}-{meta['started']}")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     lines = [f"# FusionBench's TSV-M against tsvmerge ({meta['device_label']}, {meta['commit']}, {meta['started']})", "",

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -45,8 +44,10 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak RSS so far (Linux reports kilobytes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    """This process's peak RSS so far: its VmHWM (Linux). Not ru_maxrss, which a child started
+    by vfork + exec inherits from its parent (here one that holds the pool it wrote, ~3 GB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
 
 
 def merge_memory(cfg: dict, impl: str):

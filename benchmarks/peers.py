@@ -13,11 +13,12 @@ pool: a FusionBench CLIPVisionModelPool of Hugging Face CLIPVisionModel checkpoi
   algorithm: its TaskSingularVectorMerging against tsvmerge's TSVMerge. The inputs are evicted
   from the page cache before each run.
 
-Each run is a child process (`--one`), so its peak RSS is its own; it saves its merged update
+Each run is a child process (`--one`), so its peak RSS is its own, taken when the merge returns
+(before the child forms and saves its update, which holds more than the merge); it saves its merged update
 Delta = theta - theta_0, and the parent reports each Delta's distance from FusionBench's,
 ||Delta - Delta_fb|| / ||Delta_fb|| per tensor (max and median), and the energy ratio
 ||Delta||^2 / ||Delta_fb||^2 summed over tensors. Results go to
-benchmarks/results/peers-<device>-<commit>-<time>.{json,md}.
+benchmarks/results/peers[-PART]-<device>-<commit>-<time>.{json,md} (PART when only one runs).
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ IMPLS = ("fusion_bench", "reference", "torch")
 def rss_gb() -> float:
     import psutil
     return psutil.Process().memory_info().rss / 1e9
+
+
+def peak_rss_gb() -> float:
+    """This process's peak RSS so far: its VmHWM (Linux). Not ru_maxrss, which a child started
+    by vfork + exec inherits from its parent (here one that holds the pool it wrote, ~3 GB)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
 
 
 def merge_memory(cfg: dict, impl: str):
@@ -73,16 +81,16 @@ def merge_pool(cfg: dict, impl: str):
         merged = algorithm.run(pool).state_dict()
     with torch.no_grad():
         base = pool.load_pretrained_model().state_dict()
-    return merged, base, rss, t
+    return merged, base, rss, peak_rss_gb(), t
 
 
 def run_one(cfg: dict) -> dict:
     from safetensors.torch import save_file
     impl = cfg["impl"]
-    merged, base, rss, t = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
+    merged, base, rss, peak, t = (merge_memory if cfg["part"] == "memory" else merge_pool)(cfg, impl)
     save_file({k: (merged[k].float() - base[k].float()).contiguous() for k in base if base[k].is_floating_point()},
               cfg["update_file"])
-    return {"wall_s": t.wall_s, "cpu_s": t.cpu_s, "rss_before_merge_gb": rss}
+    return {"wall_s": t.wall_s, "cpu_s": t.cpu_s, "rss_before_merge_gb": rss, "merge_peak_rss_gb": peak}
 
 
 # -- the parent ----------------------------------------------------------------------
@@ -134,7 +142,7 @@ def run_zoo(name: str, base_cfg: dict, impls, scratch: str) -> list:
 
 
 def table(rows: list) -> list:
-    lines = ["| zoo | implementation | wall (s) | CPU (s) | vs FusionBench, wall / CPU | peak RSS (GB) "
+    lines = ["| zoo | implementation | wall (s) | CPU (s) | vs FusionBench, wall / CPU | peak RSS of the merge (GB) "
              "| RSS added by the merge (GB) | max / median rel. diff from FusionBench | energy ratio |",
              "|---|---|---|---|---|---|---|---|---|"]
     fb = {r["zoo"]: r for r in rows if r["impl"] == "fusion_bench" and "error" not in r}
@@ -144,10 +152,11 @@ def table(rows: list) -> list:
             continue
         ref = fb.get(r["zoo"])
         speed = f"{ref['wall_s'] / r['wall_s']:.2f}x / {ref['cpu_s'] / r['cpu_s']:.2f}x" if ref else ""
-        added = r["peak_rss_gb"] - r["rss_before_merge_gb"]
+        peak = r["merge_peak_rss_gb"]     # the child's peak when the merge returned, before its update is saved
+        added = peak - r["rss_before_merge_gb"]
         diff = f"{r['max_rel_diff']:.2e} / {r['median_rel_diff']:.2e}" if "max_rel_diff" in r else ""
         energy = f"{r['energy_ratio']:.5f}" if "energy_ratio" in r else ""
-        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {speed} | {r['peak_rss_gb']:.2f} "
+        lines.append(f"| {r['zoo']} | {r['impl']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {speed} | {peak:.2f} "
                      f"| {added:.2f} | {diff} | {energy} |")
     return lines
 
@@ -164,7 +173,7 @@ def main():
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return
-    record = Record("peers", "cpu", args.results)
+    record = Record("peers" if len(args.parts) == 2 else f"peers-{args.parts[0]}", "cpu", args.results)
     scratch = tempfile.mkdtemp(prefix="tsvmerge-peers-", dir=args.scratch)
     rows = []
     try:

@@ -1,5 +1,8 @@
 """tsvmerge as FusionBench algorithms: the `fusion_bench` command with the shipped configs,
 on a pool of tiny local CLIPVisionModels, against FusionBench's own TSV-M."""
+import ctypes
+import ctypes.util
+import gc
 import json
 import weakref
 import zlib
@@ -92,6 +95,67 @@ def test_tsvmerge_loads_one_model_at_a_time(pool):
                          backend="torch", progress=False)
     for name in ref:
         torch.testing.assert_close(merged[name], ref[name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.fixture(scope="module")
+def deep_pool(tmp_path_factory):
+    """(pool, bytes of all its task vectors): a base and 8 fine-tunes of a 12-block CLIPVisionModel
+    (hidden 128, 9.6 MB each), deep enough that one layer is a small part of a model. Dense
+    random task vectors: only the memory is measured on it."""
+    folder = tmp_path_factory.mktemp("deep_clip_pool")
+    config = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=12,
+                                           num_attention_heads=4, image_size=16, patch_size=8)
+    seed = zlib.crc32(b"deep_pool") % 2**31
+    torch.manual_seed(seed)
+    model = transformers.CLIPVisionModel(config)
+    pool = {"_pretrained_": str(folder / "base")}
+    model.save_pretrained(pool["_pretrained_"])
+    base = {n: v.clone() for n, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    for t in range(8):
+        with torch.no_grad():
+            for n, v in model.state_dict().items():
+                v.copy_(base[n] + 0.01 * torch.randn(v.shape, generator=gen))
+        pool[f"task{t}"] = str(folder / f"task{t}")
+        model.save_pretrained(pool[f"task{t}"])
+    return pool, 8 * sum(v.numel() * v.element_size() for v in base.values())
+
+
+def added_peak_rss(run) -> int:
+    """Bytes by which `run()` raises this process's peak RSS above its RSS before (Linux: the
+    peak is reset through /proc/self/clear_refs; glibc's free memory is returned first, so that
+    memory kept from an earlier run cannot hide an allocation)."""
+    gc.collect()
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+    before = status("VmRSS")
+    run()
+    return status("VmHWM") - before
+
+
+def test_tsvmerge_streams_the_task_vectors(deep_pool):
+    """Through FusionBench, TSVMerge holds a batch of layers at a time, never every task vector:
+    its run raises the peak RSS by under half the task vectors' bytes (the merged weights it
+    returns included), while FusionBench's own TSV-M, measured the same way, holds all of them
+    (which shows that the measure sees it). ViT-B/32 x 8 figures: README, "Measured"."""
+    pool, task_vector_bytes = deep_pool
+    try:
+        added_peak_rss(lambda: None)
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+
+    def tsvmerge_run():
+        TSVMerge(backend="torch", batch_bytes=1 << 20).run(CLIPVisionModelPool(DictConfig(pool)))
+    tsvmerge_run()                       # imports and thread pools, outside the measure
+    tsvmerge_added = added_peak_rss(tsvmerge_run)
+    fusion_bench_added = added_peak_rss(lambda: TaskSingularVectorMerging(alpha=1.0).run(CLIPVisionModelPool(DictConfig(pool))))
+    assert fusion_bench_added > task_vector_bytes, (fusion_bench_added, task_vector_bytes)
+    assert tsvmerge_added < task_vector_bytes / 2, (tsvmerge_added, task_vector_bytes)
 
 
 def test_cli_sti(pool, tmp_path):

@@ -25,6 +25,11 @@ from tsvmerge.io import InputError, open_checkpoint
 
 log = logging.getLogger(__name__)
 
+# The batch budget when none is given (tsvmerge's own default is 1 GiB): the merge's peak
+# memory is a few batch budgets, and a FusionBench run holds the pretrained model beside it.
+# ViT-B/32 x 8 from disk (benchmarks/peers.py --parts pool): added peak RSS 0.44 GB, 3.4 GB at 1 GiB.
+BATCH_BYTES = 64 << 20
+
 
 def holds_tensors(path: str, reference: dict) -> bool:
     """Whether the checkpoint at `path` holds exactly `reference`'s names, shapes and dtypes."""
@@ -69,7 +74,7 @@ class _PoolAlgorithm(BaseAlgorithm):
         self.device = device
         self.compute_dtype = compute_dtype
         self.seed = seed
-        self.batch_bytes = batch_bytes
+        self.batch_bytes = BATCH_BYTES if batch_bytes is None else batch_bytes
         self.svd, self.power_iters, self.oversample = svd, power_iters, oversample
         self.energy_target, self.max_passes = energy_target, max_passes
         self.workdir = workdir
@@ -86,12 +91,17 @@ class _PoolAlgorithm(BaseAlgorithm):
 
     @contextlib.contextmanager
     def staged(self, modelpool):
-        """(pretrained model, its state dict, fine-tuned checkpoint paths, a temporary folder)."""
+        """(pretrained model, its state dict, the base to merge from, fine-tuned checkpoint
+        paths, a temporary folder). The base is the pretrained checkpoint's path when it holds
+        exactly the model's tensors: read from the file, a batch at a time, the model's own
+        (memory-mapped) weights are not paged in by the merge."""
         pretrained = modelpool.load_pretrained_model()
         reference = pretrained.state_dict()
+        path = _local_path(modelpool, "_pretrained_")
+        base = path if path is not None and holds_tensors(path, reference) else reference
         with tempfile.TemporaryDirectory(prefix="tsvmerge-", dir=self.workdir) as folder:
             tasks = stage_models(modelpool, modelpool.model_names, reference, folder)
-            yield pretrained, reference, tasks, folder
+            yield pretrained, reference, base, tasks, folder
 
 
 class TSVMerge(_PoolAlgorithm):
@@ -109,10 +119,10 @@ class TSVMerge(_PoolAlgorithm):
         super().__init__(**kwargs)
 
     def run(self, modelpool):
-        with self.staged(modelpool) as (pretrained, state, tasks, folder):
+        with self.staged(modelpool) as (pretrained, state, base, tasks, folder):
             options = {"k": self.k} if self.k is not None else {}
             merged_dir = os.path.join(folder, "merged")
-            report = tsvmerge.merge(state, tasks, method="tsv", alpha=self.alpha, orthogonalize=self.orthogonalize,
+            report = tsvmerge.merge(base, tasks, method="tsv", alpha=self.alpha, orthogonalize=self.orthogonalize,
                                     out=merged_dir, **options, **self.engine_options())
             merged = open_checkpoint(merged_dir)
             with torch.no_grad():
@@ -135,14 +145,14 @@ class TSVCompress(_PoolAlgorithm):
 
     def run(self, modelpool):
         models = {}
-        with self.staged(modelpool) as (pretrained, state, tasks, folder):
+        with self.staged(modelpool) as (pretrained, _, base, tasks, folder):
             for name, task in zip(modelpool.model_names, tasks):
                 out = os.path.join(self.out_dir or folder, f"{name}.tsvc.safetensors")
                 if self.out_dir:
                     os.makedirs(self.out_dir, exist_ok=True)
-                tsvmerge.compress(state, task, rank=self.rank, out=out, **self.engine_options())
+                tsvmerge.compress(base, task, rank=self.rank, out=out, **self.engine_options())
                 model = copy.deepcopy(pretrained)
-                model.load_state_dict(tsvmerge.decompress(state, out))
+                model.load_state_dict(tsvmerge.decompress(base, out))
                 models[name] = model
         return models
 
@@ -156,8 +166,8 @@ class TSVInterference(_PoolAlgorithm):
         super().__init__(**kwargs)
 
     def run(self, modelpool):
-        with self.staged(modelpool) as (pretrained, state, tasks, _):
-            report = tsvmerge.interference(state, tasks, k=self.k, **self.engine_options())
+        with self.staged(modelpool) as (pretrained, _, base, tasks, _):
+            report = tsvmerge.interference(base, tasks, k=self.k, **self.engine_options())
         report["models"] = list(modelpool.model_names)
         folder = self.output_dir or getattr(self._program, "log_dir", None) or os.getcwd()
         path = os.path.join(folder, "tsvmerge_sti.json")

@@ -62,7 +62,7 @@ def merge_memory(cfg: dict, impl: str):
             merged = {k: base[k] + update[k] for k in base}
         else:
             merged = tsvmerge.merge(base, finetuned, backend=impl, progress=False)
-    return merged, base, rss, t
+    return merged, base, rss, peak_rss_gb(), t
 
 
 def merge_pool(cfg: dict, impl: str):
@@ -79,9 +79,10 @@ def merge_pool(cfg: dict, impl: str):
     with timer() as t:
         algorithm = TaskSingularVectorMerging(alpha=1.0) if impl == "fusion_bench" else TSVMerge(backend=impl)
         merged = algorithm.run(pool).state_dict()
+    peak = peak_rss_gb()       # before the pretrained model is loaded again to form the update
     with torch.no_grad():
         base = pool.load_pretrained_model().state_dict()
-    return merged, base, rss, peak_rss_gb(), t
+    return merged, base, rss, peak, t
 
 
 def run_one(cfg: dict) -> dict:

@@ -168,6 +168,8 @@ def main():
     p.add_argument("--layers", type=int, default=12, help="blocks of the ViT-B-32 x 8 zoo and of the pool (of 12)")
     p.add_argument("--l14-layers", type=int, default=2, help="blocks of the ViT-L-14 x 20 zoo (0: skip it)")
     p.add_argument("--scratch", default=None, help="folder for the on-disk pool and the saved updates")
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS,
+                   help="implementations to run (FusionBench's takes about 17 min for the pool here)")
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -180,16 +182,16 @@ def main():
     try:
         if "memory" in args.parts:
             rows += run_zoo(f"ViT-B-32 x 8 ({args.layers} blocks), in memory",
-                            {"part": "memory", "arch": "ViT-B-32", "tasks": 8, "layers": args.layers}, IMPLS, scratch)
+                            {"part": "memory", "arch": "ViT-B-32", "tasks": 8, "layers": args.layers}, args.impls, scratch)
             if args.l14_layers:
                 rows += run_zoo(f"ViT-L-14 x 20 ({args.l14_layers} blocks), in memory",
-                                {"part": "memory", "arch": "ViT-L-14", "tasks": 20, "layers": args.l14_layers}, IMPLS, scratch)
+                                {"part": "memory", "arch": "ViT-L-14", "tasks": 20, "layers": args.l14_layers}, args.impls, scratch)
         if "pool" in args.parts:
             print("writing the CLIPVisionModel pool ...", flush=True)
             paths = write_pool(os.path.join(scratch, "pool"), 8, args.layers)
             rows += run_zoo(f"CLIPVisionModel ViT-B/32 x 8 ({args.layers} blocks) from disk, through FusionBench",
                             {"part": "pool", "pool": paths},
-                            ("fusion_bench", "torch"), scratch)
+                            [i for i in ("fusion_bench", "torch") if i in args.impls], scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     lines = table(rows)

@@ -58,10 +58,12 @@ def fixed_svd(be, finetuned, base, k, c):
     passes = torch.full(finetuned.shape[:2], 2 * be.power_iters + 2)
     return TaskSVD(v, s, u, energy, passes) if transposed else TaskSVD(u, s, v, energy, passes)
 
+
 def _block_gram(be, blocks):
     """[b_1 ... b_j]^T [b_1 ... b_j] from the blocks, without concatenating them."""
     rows = [[be.gram(bi) if i == j else bi.mT @ bj for j, bj in enumerate(blocks)] for i, bi in enumerate(blocks)]
     return torch.cat([torch.cat(row, -1) for row in rows], -2)
+
 
 # The range finders get the sketch Y = A Omega and the products x -> A x, y -> A^T y,
 # where A is tau or tau^T, and return the blocks of Q and of B^T = A^T Q.
@@ -78,6 +80,7 @@ def _power_range(be, y, fwd, bwd, probe=None):
         q = be.orthonormalize(y, passes=2 if last else 1)
     bt, residual = _backward_with_residual(bwd, q, [q], tx)
     return [q], [bt], residual
+
 
 def _krylov_range(be, y, fwd, bwd, probe=None):
     """Block Krylov (Musco & Musco 2015): Q spans [A Omega, (A A^T) A Omega, ...];
@@ -100,12 +103,14 @@ def _krylov_range(be, y, fwd, bwd, probe=None):
         bts.append(bt)
     return qs, bts, residual
 
+
 # -- the captured-energy estimate, carried by the range finder's last two products --
 def _energy_probe(be, batch_shape, dim, block=4):
     """Orthonormal random X [L, T, dim, block] for one power step on R^T R."""
     gen = torch.Generator(device="cpu").manual_seed(be.seed + 1)
     x = torch.randn(*batch_shape, dim, block, generator=gen)
     return be.orthonormalize(x.to(be.device, be.compute_dtype))
+
 
 def _captured_energy(be, s, k, residual):
     """An estimate of kept sum s^2 / exact top-k sum s^2, without the exact SVD.
@@ -212,12 +217,14 @@ def adaptive_svd(be, finetuned, base, k, c):
         kr.qs.append(kr.qz)
     return _assemble(parts, L, T, transposed)
 
+
 def _short_probe(be, batch, dim, dtype):
     """Seeded Gaussian [batch, dim, PROBE_COLUMNS] on the short side, one for every matrix,
     in the basis's dtype (the products' accumulation dtype, fp32 for bf16 compute)."""
     gen = torch.Generator(device="cpu").manual_seed(be.seed + 1)
     x = torch.randn(dim, PROBE_COLUMNS, generator=gen).to(be.device, dtype)
     return x.expand(batch, -1, -1)
+
 
 def _krylov_stage(be, mats, rows, kr):
     """B_j^T = A^T Q_j, then Y = A B_j^T and the frontier Z = (I - Q Q^T) Y = Q_z S. The
@@ -236,6 +243,7 @@ def _krylov_stage(be, mats, rows, kr):
     kr.qz = _basis(be, z, scale=y)
     kr.s = (kr.qz.mT @ z).double()
 
+
 def _basis(be, y, scale=None):
     """Orthonormal columns for y's directions above rounding, zero columns for the rest; the
     floor is the fixed schedule's for Krylov blocks (see _krylov_range), relative to `scale`
@@ -243,6 +251,7 @@ def _basis(be, y, scale=None):
     scale = y if scale is None else scale
     floor = torch.linalg.vector_norm(scale, dim=(-2, -1)).double() ** 2 * (scale.shape[-2] * (10 * torch.finfo(scale.dtype).eps) ** 2)
     return P.range_basis(P.range_basis(y, floor, eigh=be.sym_eigh), eigh=be.sym_eigh)
+
 
 def _right_form(be, kr, k):
     """The SVD of A P with P = B^T L^-T (Theta = B B^T = L L^T). In the coordinates of
@@ -270,6 +279,7 @@ def _right_form(be, kr, k):
     fit.kept = fit.sig2[..., :k].sum(-1)
     return fit
 
+
 def _energy_ceiling(be, kr, fit, k, d, last):
     """An upper bound on the exact top-k energy of A (see _energy_ceiling_of). Where the
     free slots alone already put the ratio below the target (G G^T's eigenvalues with
@@ -289,6 +299,7 @@ def _energy_ceiling(be, kr, fit, k, d, last):
         ceiling[near] = _energy_ceiling_of(kr.theta[near], kr.s[near], fit.x[near], rho[near], free[near], k)
     return ceiling
 
+
 def _residual_norm(be, kr, fit):
     """An estimate of ||A (I - P P^T)||_2^2 from below: the largest Ritz value of
     (I - PP^T) A^T A (I - PP^T) on the probe's blocks X_i. They came from power steps on
@@ -306,6 +317,7 @@ def _residual_norm(be, kr, fit):
         keep = lam > lam[..., -1:] * 1e-8
         white = vec * torch.where(keep, lam.clamp_min(torch.finfo(lam.dtype).tiny).rsqrt(), torch.zeros_like(lam)).unsqueeze(-2)
         return torch.linalg.eigvalsh(white.mT @ (av.mT @ av) @ white)[..., -1].clamp_min(0)
+
 
 def _finish(be, mats, rows, kr, fit, done, bound, passes, room, k, transposed):
     """Factors of the finished matrices: G = W diag(s) Y^T gives U = [Q, Q_z] G Y / s and

@@ -92,12 +92,8 @@ def _krylov_range(be, y, fwd, bwd, probe=None):
     qs, bts = [q], [bt]
     for i in range(be.power_iters):
         y, tx = _forward_with_probe(fwd, bts[-1], probe if i == be.power_iters - 1 else None)
-        # rounding noise left after the projection is ~ eps sqrt(m) of y's size; 10x that
-        # (in norm) as the floor, or noise directions above it become basis vectors that
-        # are not orthogonal to Q (seen on 1 in 150 T = 1 zoos, where Q spans all)
-        floor = torch.linalg.vector_norm(y, dim=(-2, -1)).double() ** 2 * (y.shape[-2] * (10 * torch.finfo(y.dtype).eps) ** 2)
-        y = _project_out(_project_out(y, qs), qs)                      # block Gram-Schmidt, twice
-        q = P.range_basis(P.range_basis(y, floor, eigh=be.sym_eigh), eigh=be.sym_eigh)  # converged -> zero columns
+        z = _project_out(_project_out(y, qs), qs)                      # block Gram-Schmidt, twice
+        q = _basis(be, z, scale=y)                                     # converged -> zero columns
         qs.append(q)
         bt, residual = _backward_with_residual(bwd, q, qs, tx)
         bts.append(bt)
@@ -245,9 +241,10 @@ def _krylov_stage(be, mats, rows, kr):
 
 
 def _basis(be, y, scale=None):
-    """Orthonormal columns for y's directions above rounding, zero columns for the rest; the
-    floor is the fixed schedule's for Krylov blocks (see _krylov_range), relative to `scale`
-    (the block before its projection) or to y."""
+    """Orthonormal columns for y's directions above rounding, zero columns for the rest.
+    Rounding noise left after a projection is ~ eps sqrt(m) of the block's size (`scale`: the
+    block before its projection, or y); 10x that (in norm) is the floor, or noise directions
+    above it become basis vectors that are not orthogonal to Q (seen on 1 in 150 T = 1 zoos)."""
     scale = y if scale is None else scale
     floor = torch.linalg.vector_norm(scale, dim=(-2, -1)).double() ** 2 * (scale.shape[-2] * (10 * torch.finfo(scale.dtype).eps) ** 2)
     return P.range_basis(P.range_basis(y, floor, eigh=be.sym_eigh), eigh=be.sym_eigh)

@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 
+from peak_child import vm_hwm_bytes
 from recording import RESULTS, Record, evict, spawn, timer
 
 IMPLS = ("fusion_bench", "reference", "torch")
@@ -40,10 +41,8 @@ def rss_gb() -> float:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak RSS so far: its VmHWM (Linux). Not ru_maxrss, which a child started
-    by vfork + exec inherits from its parent (here one that holds the pool it wrote, ~3 GB)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024 / 1e9
+    """This process's peak RSS so far (VmHWM; see peak_child.py for why not ru_maxrss)."""
+    return vm_hwm_bytes() / 1e9
 
 
 def merge_memory(cfg: dict, impl: str):

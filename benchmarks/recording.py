@@ -14,6 +14,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -80,18 +81,33 @@ def median(timings: list[Timing]) -> Timing:
 
 
 def run_child(argv: list, capture: bool = False) -> dict:
-    """Run argv in a child process: its exit code, its stdout if `capture`, the wall time, and the
-    CPU time and peak RSS of that child alone (os.wait4)."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None, text=True)
-    stdout = child.stdout.read() if capture else None
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
-    if capture:
-        child.stdout.close()
+    """Run argv in a child process: its exit code, its stdout if `capture`, the wall time, the
+    CPU time of that child alone (os.wait4), and its own peak RSS where argv runs Python
+    (sys.executable ...: through peak_child.py, see there; None if the child died before it
+    could say), else wait4's ru_maxrss, which includes this process's own peak."""
+    python = argv[0] == sys.executable
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = os.path.join(scratch, "peak")
+        if python:
+            argv = [sys.executable, os.path.join(HERE, "peak_child.py"), *argv[1:]]
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE if capture else None, text=True,
+                                 env={**os.environ, "RECORDING_PEAK_FILE": peak_file})
+        stdout = child.stdout.read() if capture else None
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        if capture:
+            child.stdout.close()
+        if not python:
+            peak = usage.ru_maxrss * 1024 / 1e9               # Linux: KiB
+        elif os.path.exists(peak_file):
+            with open(peak_file) as f:
+                peak = int(f.read()) / 1e9
+        else:
+            peak = None
     return {"returncode": child.returncode, "stdout": stdout, "wall_s": wall,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}  # Linux: KiB
+            "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gb": peak}
 
 
 def spawn(script: str, cfg: dict) -> dict:

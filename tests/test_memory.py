@@ -9,11 +9,13 @@ from tsvmerge.zoo import Arch, make_zoo
 
 MEDIUM = Arch("medium", width=256, layers=12, patch=16, image=64, output_dim=128)
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss includes this (pytest) process's peak, folded in at
+# exec, and would make both runs read the same
 CHILD = """
-import resource, sys, tsvmerge
+import sys, tsvmerge
 base, *tasks = sys.argv[1:]
 tsvmerge.merge(base, tasks, backend="torch", out=sys.argv[0] + ".out", batch_bytes=8 << 20, progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) * 1024)
 """
 
 

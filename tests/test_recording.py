@@ -37,6 +37,15 @@ def test_run_child_reports_its_own_peak_rss_and_exit_code():
     assert recording.run_child([sys.executable, "-c", "raise SystemExit(3)"])["returncode"] == 3
 
 
+def test_run_child_peak_rss_leaves_out_the_parents():
+    """Linux folds the parent's high-water mark into a child's ru_maxrss at exec."""
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"1" * len(held[::4096])
+    run = recording.run_child([sys.executable, "-c", "print('small')"], capture=True)
+    assert run["stdout"] == "small\n" and run["peak_rss_gb"] < 0.3, run["peak_rss_gb"]
+    del held
+
+
 def test_result_pair_names_and_facts(tmp_path):
     record = recording.Record("demo", "cpu", str(tmp_path))
     stem = record.write({"rows": [1, 2]}, "A title", ["| a |", "|---|"])

@@ -12,11 +12,14 @@ For every zoo and setting, per spectral task matrix (DESIGN section 6):
 - the CPU time of `task_svd` (process time, all threads; the least of `--repeats` runs, as other jobs
   share the machine), and that of the exact singular values of the same matrices.
 Settings: `fixed` is energy_target=None (the fixed schedule: block Krylov, q = 1, p = 10); every
-`--targets` value is an adaptive run with the defaults otherwise.
+`--targets` value is an adaptive run with the defaults otherwise. `--exact-rho` adds, per target, a
+diagnostic run whose bound uses the residual's norm computed exactly (an SVD per stage, slow) in
+place of the probe's estimate and its margin: the passes the bound's form needs with a perfect rho.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from collections import defaultdict
 
@@ -24,7 +27,7 @@ import torch
 
 from recording import RESULTS, Record, least, repeated, timed
 
-from tsvmerge.backends import get_backend, lapack
+from tsvmerge.backends import get_backend, krylov, lapack
 from tsvmerge.zoo import SPECTRA, make_zoo_dicts
 
 REAL_CACHE = os.path.join("~", ".cache", "tsvmerge", "accuracy")
@@ -60,10 +63,42 @@ def real(cache: str, tasks: int):
     return "accuracy-benchmark ViT", f"real x{tasks}", zoo.pretrained, [zoo.finetuned[n] for n in names]
 
 
+@contextlib.contextmanager
+def exact_rho():
+    """The adaptive bound with ||A (I - PP^T)||_2^2 computed exactly (and no margin): a diagnostic."""
+    seen = {}
+    stage, residual_norm = krylov._krylov_stage, krylov._residual_norm
+
+    def remember(be, mats, rows, kr):
+        seen["mats"], seen["rows"] = mats, rows
+        return stage(be, mats, rows, kr)
+
+    def exact(be, kr, fit):
+        mats = seen["mats"]
+        base = 0 if mats.base is None else mats.base.double().unsqueeze(1)
+        a = (mats.finetuned.double() - base).flatten(0, 1)[seen["rows"]]
+        if a.shape[-2] > a.shape[-1]:
+            a = a.mT
+        p = torch.linalg.qr(torch.cat(kr.bts, -1).double())[0]
+        rho = torch.linalg.matrix_norm(a - (a @ p) @ p.mT, ord=2) ** 2
+        return rho / krylov.RHO_MARGIN[len(kr.qs) > 1]
+
+    krylov._krylov_stage, krylov._residual_norm = remember, exact
+    try:
+        yield
+    finally:
+        krylov._krylov_stage, krylov._residual_norm = stage, residual_norm
+
+
 def evaluate(groups, exact, settings, repeats):
     """One row per setting: true energy, bound, gap, passes, time."""
     rows = []
     for label, options in settings:
+        options = dict(options)
+        if options.pop("exact_rho", False):
+            with exact_rho():
+                rows += evaluate(groups, exact, [(label, options)], 1)
+            continue
         backend = get_backend("torch", **options)
         true, bound, passes, capped, seconds = [], [], [], 0, 0.0
         for (k, tau), top in zip(groups, exact):
@@ -105,11 +140,14 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="zoo seeds of the synthetic zoos")
     ap.add_argument("--targets", nargs="+", type=float, default=[0.995])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per setting and tensor (the least counts)")
+    ap.add_argument("--exact-rho", action="store_true", help="add a diagnostic run per target with the exact residual norm")
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args()
 
     record = Record("tune_randomized", "cpu", args.results)
     settings = [("fixed (q = 1)", {"energy_target": None})] + [(f"target {t:g}", {"energy_target": t}) for t in args.targets]
+    if args.exact_rho:
+        settings += [(f"target {t:g}, exact rho", {"energy_target": t, "exact_rho": True}) for t in args.targets]
     sources = [lambda z=z, s=s, seed=seed: synthetic(z, s, seed) for z in args.zoos for s in args.spectra
                for seed in args.seeds]
     sources += [lambda t=t: real(args.real_cache, t) for t in args.real_tasks]

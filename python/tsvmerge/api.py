@@ -265,7 +265,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     folders = {a: alpha_folder(a) if several else "" for a in alphas}
     metadata = {folders[a]: {"format": "pt", "tsvmerge": json.dumps({**job.meta, "alpha": a})} for a in alphas}
     with model_writers(out_t, infos, metadata, shard_size=shard_size, also=(report_t,)) as writers:
-        carried = [carry_model_files(base, w.folder) for w in writers][0]
+        carried = [carry_model_files(base, w.folder) for w in writers][0]     # the same files into each
         entries = job.run([(a, w.write) for a, w in zip(alphas, writers)], out_dtype=out_dtype, progress=progress)
         reports = {a: job.report(entries, a, carried=carried) for a in alphas}
         for a, w in zip(alphas, writers):

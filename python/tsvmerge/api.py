@@ -6,22 +6,24 @@ import functools
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from . import __version__
-from .backends import backend_class
+from .backends import Backend, backend_class
 from .engine import run_merge
 from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
-                 model_writer, open_checkpoint, save_json, write_json)
+                 model_writers, open_checkpoint, save_json, write_json)
 from .io.lora import LoraAdapter, is_adapter, lora_layouts
 from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io.names import align_names
-from .methods import get_method
+from .methods import Method, get_method
+from .primitives import lowrank_apply
 from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
-from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
+from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, MergePlan, merge_rank, plan_merge
 
 PRESETS = {"clip": CLIP_PRESET}
 OUTPUT_FORMATS = ("model", "peft")
@@ -132,11 +134,74 @@ def describe_inputs(checkpoints) -> list[dict]:
              **({"touches": c.touches} if isinstance(c, LoraAdapter) else {})} for c in checkpoints]
 
 
+def alpha_folder(alpha: float) -> str:
+    """The sub-folder of a merge's `out` for one of several alphas: alpha-0.5 (the shortest
+    text that reads back as the same float, so distinct alphas get distinct folders)."""
+    return f"alpha-{alpha!r}"
+
+
+def alpha_list(alphas) -> tuple[float, ...]:
+    """Several alphas, each finite, none twice."""
+    if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
+        raise TypeError(f"alphas must be a sequence of numbers, not {type(alphas).__name__}")
+    out = tuple(checked("alphas", finite_float, a) for a in alphas)
+    if not out:
+        raise ValueError("alphas is empty: give at least one alpha")
+    for i, a in enumerate(out):
+        if a in out[:i]:
+            raise ValueError(f"alphas: {a!r} is given twice")
+    return out
+
+
+@dataclass
+class _Merge:
+    """A merge planned from headers, before any compute: what `merge` and `update` share."""
+    plan: MergePlan
+    method: Method
+    backend: Backend
+    options: dict           # the method's, resolved
+    meta: dict              # the report's and the metadata's description of the merge
+    warned: list
+    start: float
+
+    def run(self, outputs: list, *, updates: bool = False, out_dtype=None, progress=None) -> dict:
+        """`run_merge` over `outputs` ((alpha, write) pairs); the report entries."""
+        return run_merge(self.plan, self.method, self.backend, outputs=outputs, options=self.options,
+                         out_dtype=out_dtype, progress=progress, updates=updates)
+
+    def report(self, entries: dict, alpha: float | None, **more) -> dict:
+        return {**self.meta, "alpha": alpha, **more, "warnings": self.warned, "backend": self.backend.describe(),
+                "tensors": entries, "summary": _summary(entries, time.perf_counter() - self.start)}
+
+
+def _methods(method: str, backend: str, device, compute_dtype, seed, options: dict):
+    """The method, its resolved options and the backend: every option checked before any output
+    is claimed or input read."""
+    m = get_method(method)
+    method_options, backend_options = split_options(options, m, backend, device)
+    return m, method_options, make_backend(backend, device, compute_dtype, seed, backend_options)
+
+
+def _planned(base, finetuned: list, m, method_options: dict, be, *, exclude, preset, batch_bytes: int,
+             trust_pickle: bool, start: float) -> _Merge:
+    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
+    excluded = exclusions(exclude, preset)
+    k = method_options.pop("k", None)
+    rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
+    plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
+    meta = {"method": m.name, "alpha": None, "options": {**method_options, **({"k": k} if m.spectral else {})},
+            "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
+            "inputs": describe_inputs([base_ckpt] + tasks)}
+    warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
+                           "(times alpha) to the base, there is nothing to merge it with")
+    return _Merge(plan, m, be, method_options, meta, warned, start)
+
+
 def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(), preset: str | None = None,
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          trust_pickle: bool = False, output_format: str = "model", **options):
+          trust_pickle: bool = False, output_format: str = "model", alphas=None, **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
@@ -150,14 +215,23 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     and never an input. `trust_pickle` lets `.pt/.bin` files that hold whole pickled modules be
     unpickled (it can run code). `options` are the method's and the backend's
     (`tsvmerge.METHODS[name].options`, `backend.OPTIONS`).
+
+    `alphas` (instead of `alpha`): several merges for the price of one: the update is computed
+    once and each alpha's merge made from it, exactly as `alpha` alone would make it; returns
+    {alpha: merged dict}, or with `out` writes a model folder `out/alpha-A/` for each (all
+    published in one rename, or none) and returns {alpha: report}; `report=FILE` then holds
+    {"alpha-A": report}.
     """
     start = time.perf_counter()
     finetuned = task_list(finetuned)
-    alpha = checked("alpha", finite_float, alpha)
-    m = get_method(method)
+    several = alphas is not None
+    if several and alpha != 1.0:
+        raise ValueError("give alpha or alphas, not both")
+    alphas = alpha_list(alphas) if several else (checked("alpha", finite_float, alpha),)
+    m, method_options, be = _methods(method, backend, device, compute_dtype, seed, options)
     adapter_out = _adapter_output(output_format, out, m)
-    method_options, backend_options = split_options(options, m, backend, device)
-    be = make_backend(backend, device, compute_dtype, seed, backend_options)
+    if adapter_out and several:
+        raise ValueError("output format peft writes one adapter: give one alpha")
     shard_size = checked("shard_size", positive_int, shard_size)
     batch_bytes = checked("batch_bytes", positive_int, batch_bytes)
     out_dtype = parse_dtype(out_dtype)
@@ -165,48 +239,138 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
     report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
     claim_distinct(out_t, report_t)
-    base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
-    excluded = exclusions(exclude, preset)
-    k = method_options.pop("k", None)
-    rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
-    plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
-    infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
-             for n, p in plan.tensors.items()}
-    meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
-            "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
-            "inputs": describe_inputs([base_ckpt] + tasks)}
-    warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
-                           "(times alpha) to the base, there is nothing to merge it with")
-
-    def run(write, carried=None, adapter=None):
-        entries = run_merge(plan, m, be, alpha=alpha, options=method_options, write=write, out_dtype=out_dtype,
-                            progress=progress, updates=adapter is not None)
-        return {**meta, **({} if carried is None else {"carried": carried}),
-                **({} if adapter is None else {"adapter": adapter.summary()}), "warnings": warned,
-                "backend": be.describe(), "tensors": entries,
-                "summary": _summary(entries, time.perf_counter() - start)}
+    job = _planned(base, finetuned, m, method_options, be, exclude=exclude, preset=preset, batch_bytes=batch_bytes,
+                   trust_pickle=trust_pickle, start=start)
+    plan = job.plan
 
     if out_t is None:
-        merged = {}
-        rep = run(merged.__setitem__)
+        merged = {a: {} for a in alphas}
+        entries = job.run([(a, merged[a].__setitem__) for a in alphas], out_dtype=out_dtype, progress=progress)
         if report_t:
-            save_json(report_t, rep)
-        return merged
+            reports = {a: job.report(entries, a) for a in alphas}
+            save_json(report_t, {alpha_folder(a): r for a, r in reports.items()} if several else reports[alphas[0]])
+        return merged if several else merged[alphas[0]]
+    infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
+             for n, p in plan.tensors.items()}
     if adapter_out:
         plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
-        with adapter_writer(out_t, lora_layouts(tasks), _path_of(base), also=(report_t,)) as writer:
-            rep = run(lambda name, update: writer.write(name, update, infos[name].dtype), adapter=writer)
+        with adapter_writer(out_t, lora_layouts(plan.tasks), _path_of(base), also=(report_t,)) as writer:
+            entries = job.run([(alphas[0], lambda name, u: writer.write(name, u, infos[name].dtype))], updates=True,
+                              progress=progress)
+            rep = job.report(entries, alphas[0], adapter=writer.summary())
             write_json(os.path.join(writer.folder, REPORT_NAME), rep)
             if report_t:
                 write_json(writer.also[0], rep)
         return rep
-    with model_writer(out_t, infos, {"format": "pt", "tsvmerge": json.dumps(meta)}, shard_size=shard_size,
-                      also=(report_t,)) as writer:
-        rep = run(writer.write, carry_model_files(base, writer.folder))
-        write_json(os.path.join(writer.folder, REPORT_NAME), rep)
+    folders = {a: alpha_folder(a) if several else "" for a in alphas}
+    metadata = {folders[a]: {"format": "pt", "tsvmerge": json.dumps({**job.meta, "alpha": a})} for a in alphas}
+    with model_writers(out_t, infos, metadata, shard_size=shard_size, also=(report_t,)) as writers:
+        carried = [carry_model_files(base, w.folder) for w in writers][0]     # the same files into each
+        entries = job.run([(a, w.write) for a, w in zip(alphas, writers)], out_dtype=out_dtype, progress=progress)
+        reports = {a: job.report(entries, a, carried=carried) for a in alphas}
+        for a, w in zip(alphas, writers):
+            write_json(os.path.join(w.folder, REPORT_NAME), reports[a])
         if report_t:
-            write_json(writer.also[0], rep)
+            write_json(writers[0].also[0], {folders[a]: r for a, r in reports.items()} if several else reports[alphas[0]])
+    return reports if several else reports[alphas[0]]
+
+
+@dataclass
+class Update:
+    """A merge's update Delta, not applied: the merge with any alpha is base + alpha * Delta
+    (`apply`). `tensors` maps each of the base's names to (u [m, K], s [K], v [n, K]) with
+    Delta = u diag(s) v^T on the spectral path (the factors, never the dense matrix), a dense
+    Delta elsewhere, or None (a tensor the merge copies from the base); on the CPU, in the
+    compute dtype. `report` is the merge's and `meta` its description (an output's metadata),
+    with alpha None."""
+    tensors: dict
+    report: dict
+    meta: dict
+
+
+def update(base, finetuned, *, method: str = "tsv", exclude=(), preset: str | None = None, backend: str = "auto",
+           device: str = "cpu", compute_dtype="float32", seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES,
+           progress: bool | None = None, trust_pickle: bool = False, **options) -> Update:
+    """The update `merge` would add to the base, computed once (the SVD work) and not applied:
+    `apply(base, update, alpha)` then makes the merge with any alpha in one pass. Arguments as
+    `merge`'s."""
+    start = time.perf_counter()
+    finetuned = task_list(finetuned)
+    m, method_options, be = _methods(method, backend, device, compute_dtype, seed, options)
+    batch_bytes = checked("batch_bytes", positive_int, batch_bytes)
+    job = _planned(base, finetuned, m, method_options, be, exclude=exclude, preset=preset, batch_bytes=batch_bytes,
+                   trust_pickle=trust_pickle, start=start)
+    tensors = {}
+    entries = job.run([(1.0, tensors.__setitem__)], updates=True, progress=progress)
+    return Update({n: tensors[n] for n in job.plan.tensors}, job.report(entries, None), job.meta)
+
+
+def apply(base, update: Update, alpha: float = 1.0, *, out=None, out_dtype=None,
+          shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False, trust_pickle: bool = False):
+    """base + alpha * `update` (from `update`, on the same base), one tensor at a time, exactly as
+    `merge` with that alpha makes it: a dict of tensors with the base's names and dtypes (or
+    `out_dtype`), or with `out` a model folder published as `merge` publishes one, with its
+    report (the update's, with this alpha), which `apply` returns."""
+    alpha = checked("alpha", finite_float, alpha)
+    if not isinstance(update, Update):
+        raise TypeError(f"update must be a tsvmerge.Update (from tsvmerge.update), not {type(update).__name__}")
+    out_dtype = parse_dtype(out_dtype)
+    shard_size = checked("shard_size", positive_int, shard_size)
+    out_t = claim(out, folder=True, overwrite=overwrite, inputs=input_paths([base])) if out is not None else None
+    base_ckpt = open_checkpoint(base, trust_pickle)
+    infos = _matching(base_ckpt, update)
+    infos = {n: TensorInfo(i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
+             for n, i in infos.items()}
+
+    def run(write):
+        for name, delta in update.tensors.items():
+            write(name, applied(base_ckpt, name, delta, alpha, infos[name].dtype))
+        base_ckpt.release()
+
+    if out_t is None:
+        merged = {}
+        run(merged.__setitem__)
+        return merged
+    rep = {**update.report, "alpha": alpha}
+    metadata = {"format": "pt", "tsvmerge": json.dumps({**update.meta, "alpha": alpha})}
+    with model_writers(out_t, infos, {"": metadata}, shard_size=shard_size) as (writer,):
+        rep["carried"] = carry_model_files(base, writer.folder)
+        run(writer.write)
+        write_json(os.path.join(writer.folder, REPORT_NAME), rep)
     return rep
+
+
+def _matching(base: Checkpoint, update: Update) -> dict:
+    """The base's tensor infos, when its names and shapes are the update's."""
+    infos = base.infos()
+    for name in set(infos) ^ set(update.tensors):
+        where = "the update" if name in infos else "the base"
+        raise InputError(base.source, name, f"is not in {where}: apply an update to the base it was computed from")
+    for name, delta in update.tensors.items():
+        shape = None if delta is None else (delta.shape if isinstance(delta, torch.Tensor) else
+                                            (delta[0].shape[0], delta[2].shape[0]))
+        if shape is not None and tuple(shape) != tuple(infos[name].shape):
+            raise InputError(base.source, name, f"has shape {list(infos[name].shape)}, and its update "
+                             f"{list(shape)}: apply an update to the base it was computed from")
+    return infos
+
+
+def applied(base: Checkpoint, name: str, delta, alpha: float, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor of `apply`: the arithmetic of `engine._applied` (the merge's), for one tensor."""
+    x = base.read(name)
+    if delta is None:
+        return x.to(dtype, copy=True)
+    if isinstance(delta, torch.Tensor):
+        out = (x.to(delta.dtype) + alpha * delta).to(dtype)
+    else:
+        u, s, v = delta
+        out = lowrank_apply(x.to(u.dtype)[None], u[None], s[None], v[None], alpha, dtype)[0]
+    if not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(x).all()):
+            raise InputError(base.source, name, "contains NaN or Inf values: corrupted checkpoint?")
+        raise InputError(base.source, name, f"base + {alpha:g} * update is not finite in "
+                         f"{str(dtype).replace('torch.', '')}: use a smaller alpha or a wider out_dtype")
+    return out
 
 
 def _adapter_output(output_format: str, out, method) -> bool:

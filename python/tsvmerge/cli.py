@@ -11,6 +11,7 @@ import traceback
 import warnings
 
 from . import __version__
+from .api import alpha_folder, alpha_list
 from .backends import BACKENDS, importable_options
 from .methods import METHODS
 from .io import InputError, OutputError
@@ -52,11 +53,21 @@ def parse_rank(text: str):
     return value
 
 
-def parse_alpha(text: str) -> float:
+def parse_alphas(text: str) -> tuple[float, ...]:
+    """One alpha, or several as a comma list (0.2,0.5,1.0)."""
+    items, values = text.split(","), []
+    for i, item in enumerate(items):
+        try:
+            values.append(finite_float(item))
+        except ValueError:
+            what = "is empty" if not item.strip() else f"{item.strip()!r} is not a finite number"
+            where = f"item {i + 1} " if len(items) > 1 else ""
+            raise argparse.ArgumentTypeError(f"not a finite number or a comma list of them: {text!r} ({where}{what})") \
+                from None
     try:
-        return finite_float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}") from None
+        return alpha_list(values)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def whole_number(low: int):
@@ -135,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("-o", "--out", required=True, help="output model folder (published whole at the end)")
     p.add_argument("--method", default="tsv", help=", ".join(METHODS))
-    p.add_argument("--alpha", type=parse_alpha, default=1.0, help="scale of the update (default 1.0)")
+    p.add_argument("--alpha", type=parse_alphas, default=(1.0,),
+                   help="scale of the update (default 1.0); several as a comma list (0.2,0.5,1.0): the update is "
+                        "computed once and each merge written to OUT/alpha-A/")
     add_flags(p, *METHOD_FLAGS)
     p.add_argument("--out-dtype", help="dtype of the merged floating tensors (default: the base's)")
     p.add_argument("--shard-size", type=parse_size, default=parse_size("5GB"), help="max shard size (default 5GB)")
@@ -241,10 +254,14 @@ def _print_merge(rep: dict, out: str) -> None:
 def _cmd_merge(a) -> int:
     from . import merge
     kw = {**_engine_kwargs(a), **given_flags(a, METHOD_FLAGS[0])}
-    rep = merge(a.base, a.finetuned, method=a.method, alpha=a.alpha, out=a.out, out_dtype=a.out_dtype,
-                shard_size=a.shard_size, report=a.report, overwrite=a.overwrite, output_format=a.output_format, **kw)
-    _print_merge(rep, a.out)
-    _print_adapter(rep.get("adapter"))
+    alpha = {"alpha": a.alpha[0]} if len(a.alpha) == 1 else {"alphas": a.alpha}
+    rep = merge(a.base, a.finetuned, method=a.method, out=a.out, out_dtype=a.out_dtype, shard_size=a.shard_size,
+                report=a.report, overwrite=a.overwrite, output_format=a.output_format, **alpha, **kw)
+    if len(a.alpha) == 1:
+        _print_merge(rep, a.out)
+        _print_adapter(rep.get("adapter"))
+    else:       # one update, several outputs: the same report but for alpha
+        _print_merge(rep[a.alpha[0]], ", ".join(os.path.join(a.out, alpha_folder(x)) for x in a.alpha))
     return EXIT_OK
 
 

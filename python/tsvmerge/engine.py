@@ -167,9 +167,11 @@ def _read_ahead(plan: MergePlan, batches: list, args):
             yield pending.popleft().result()
 
 
-def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float, options: dict,
-              write, out_dtype=None, progress: bool | None = None, updates: bool = False) -> dict:
-    """Compute every batch and hand each output tensor to `write(name, tensor)`.
+def run_merge(plan: MergePlan, method: Method, backend: Backend, *, outputs: list, options: dict,
+              out_dtype=None, progress: bool | None = None, updates: bool = False) -> dict:
+    """Compute every batch's update once and hand each output tensor to the `write(name, tensor)`
+    of every (alpha, write) in `outputs`: one output per alpha, each made exactly as a merge with
+    that alpha alone would make it.
 
     Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype. With
     `updates`, `write` gets each tensor's update alpha * Delta instead of the merged tensor: the
@@ -179,11 +181,16 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float
     for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress):
         batch = loaded.batch
         start = time.perf_counter()
-        compute = _updates if updates else _compute
-        outputs, stats = compute(loaded, method, backend, alpha, options, out_dtype, plan)
+        update, stats = (None, {}) if batch.path == COPY else _method_update(loaded, method, backend, options)
+        for alpha, write in outputs:
+            if updates:
+                tensors = _scaled_update(loaded, update, alpha)
+            else:
+                tensors = _applied(loaded, update, method, backend, alpha, options, out_dtype, plan)
+            for name, tensor in zip(batch.names, tensors):
+                write(name, tensor)
         seconds = time.perf_counter() - start
         for l, name in enumerate(batch.names):
-            write(name, outputs[l])
             entries[name] = _entry(plan.tensors[name], stats, l, seconds / len(batch.names))
     return entries
 
@@ -194,12 +201,12 @@ def _method_update(loaded: Loaded, method, backend, options):
                      svd=task_svds(loaded, backend), **options)
 
 
-def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
+def _applied(loaded: Loaded, update, method, backend, alpha, options, out_dtype, plan) -> list:
+    """The batch's merged tensors base + alpha * update, on the CPU in their output dtypes."""
     batch = loaded.batch
     dtypes = [out_dtype or plan.tensors[n].info.dtype for n in batch.names]
     if batch.path == COPY:
-        return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))], {}
-    update, stats = _method_update(loaded, method, backend, options)
+        return [loaded.base[l].to(dtypes[l]) for l in range(len(batch.names))]
     if isinstance(update, LowRank):
         same = all(d == dtypes[0] for d in dtypes)
         out = backend.lowrank_apply(loaded.base, update.u, update.s, update.v, alpha, dtypes[0] if same else torch.float32)
@@ -210,7 +217,7 @@ def _compute(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     for l, o in enumerate(outputs):
         if not _all_finite(o):
             raise _non_finite(loaded, l, method, backend, alpha, options, dtypes[l], plan)
-    return outputs, stats
+    return outputs
 
 
 def _non_finite(loaded: Loaded, l: int, method, backend, alpha, options, dtype, plan) -> Exception:
@@ -248,12 +255,11 @@ def _non_finite(loaded: Loaded, l: int, method, backend, alpha, options, dtype, 
                               "exactly: please report this with the inputs' shapes")
 
 
-def _updates(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
+def _scaled_update(loaded: Loaded, update, alpha) -> list:
     """Each tensor's update alpha * Delta (see `run_merge`), on the CPU."""
     L = len(loaded.batch.names)
     if loaded.batch.path == COPY:
-        return [None] * L, {}
-    update, stats = _method_update(loaded, method, backend, options)
+        return [None] * L
     if isinstance(update, LowRank):
         out = [(update.u[l].cpu(), alpha * update.s[l].cpu(), update.v[l].cpu()) for l in range(L)]
     else:
@@ -261,7 +267,7 @@ def _updates(loaded: Loaded, method, backend, alpha, options, out_dtype, plan):
     if not all(_all_finite(x) for o in out for x in (o if isinstance(o, tuple) else (o,))):
         raise FloatingPointError(f"non-finite update in {loaded.batch.names[0]} (and its batch): "
                                  "please report this with the inputs' shapes")
-    return out, stats
+    return out
 
 
 def _entry(tp, stats: dict, layer: int, seconds: float) -> dict:

@@ -1,8 +1,9 @@
 """The experiment: merge the zoo with every method, choose alpha on validation, score on test.
 
-Every merged model is encoder(theta_0 + alpha * Delta) with each task's own frozen head. All
-methods here are linear in alpha, so one merge at alpha = 1 gives Delta and the validation sweep
-just rescales it; the chosen alpha is then merged again through the API and scored on test once.
+Every merged model is encoder(theta_0 + alpha * Delta) with each task's own frozen head. Delta is
+computed once per method (`tsvmerge.update`) and applied at each alpha of the grid
+(`tsvmerge.apply`, one pass, exactly the merge with that alpha); the alpha chosen on validation
+and alpha = 1 are scored on test.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import compress, decompress, interference, merge
+from .. import apply, compress, decompress, interference, merge, update
 from .data import Split, Task
 from .evaluate import TaskInputs, accuracies
 from .checkpoints import Zoo
@@ -51,17 +52,13 @@ class Scorer:
         return sum(acc[n] / self.finetuned["val"][n] for n in names) / len(names)
 
 
-def _merge(zoo: Zoo, names: list[str], method: str, alpha: float = 1.0, **options) -> dict[str, torch.Tensor]:
-    return merge(zoo.pretrained, [zoo.finetuned[n] for n in names], method=method, alpha=alpha, preset="clip",
+def _merge(zoo: Zoo, names: list[str], method: str, **options) -> dict[str, torch.Tensor]:
+    return merge(zoo.pretrained, [zoo.finetuned[n] for n in names], method=method, preset="clip",
                  progress=False, **options)
 
 
 def _delta(zoo: Zoo, merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: merged[k].float() - v.float() for k, v in zoo.pretrained.items()}
-
-
-def _rescaled(zoo: Zoo, delta: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    return {k: v.float() + alpha * delta[k] for k, v in zoo.pretrained.items()}
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -71,15 +68,19 @@ def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     return math.sqrt(num / den)
 
 
-def tuned_row(scorer: Scorer, names: list[str], label: str, method: str, grid, at_one=None, **options) -> Row:
-    """Sweep alpha on validation (normalized accuracy; ties go to the smaller alpha), then score the pick on test.
-    `at_one`: the method's merge at alpha = 1 when already computed."""
+def tuned_rows(scorer: Scorer, names: list[str], label: str, method: str, grid, **options):
+    """The method's update computed once, applied at every alpha of `grid` on validation (normalized
+    accuracy; ties go to the smaller alpha): its rows at alpha = 1 and at the chosen alpha, scored on
+    test, and its merge at alpha = 1."""
     zoo = scorer.zoo
-    delta = _delta(zoo, at_one or _merge(zoo, names, method, **options))
-    curve = {a: scorer.val_normalized(_rescaled(zoo, delta, a), names) for a in grid}
+    delta = update(zoo.pretrained, [zoo.finetuned[n] for n in names], method=method, preset="clip", progress=False,
+                   **options)
+    curve = {a: scorer.val_normalized(apply(zoo.pretrained, delta, a), names) for a in grid}
     best = max(grid, key=lambda a: (curve[a], -a))
-    test = scorer.score(_merge(zoo, names, method, alpha=best, **options), names)
-    return Row(label, test, best, True, curve)
+    at_one = apply(zoo.pretrained, delta, 1.0)
+    rows = [Row(label, scorer.score(at_one, names), 1.0),
+            Row(label, scorer.score(apply(zoo.pretrained, delta, best), names), best, True, curve)]
+    return rows, at_one
 
 
 def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row]) -> dict:
@@ -87,11 +88,10 @@ def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row]) -> di
     zoo = scorer.zoo
     rows = [Row(r.method, {n: r.test[n] for n in names}) for r in individual]
     rows.append(Row("Weight averaging", scorer.score(_merge(zoo, names, "average"), names), 1.0))
-    rows.append(tuned_row(scorer, names, "Task arithmetic", "task_arithmetic", grid))
-    rows.append(tuned_row(scorer, names, f"TIES (density {TIES_DENSITY:g})", "ties", grid, density=TIES_DENSITY))
-    exact = _merge(zoo, names, "tsv", **EXACT)
-    rows.append(Row("TSV-M", scorer.score(exact, names), 1.0))
-    rows.append(tuned_row(scorer, names, "TSV-M", "tsv", grid, at_one=exact, **EXACT))
+    rows += tuned_rows(scorer, names, "Task arithmetic", "task_arithmetic", grid)[0]
+    rows += tuned_rows(scorer, names, f"TIES (density {TIES_DENSITY:g})", "ties", grid, density=TIES_DENSITY)[0]
+    tsv, exact = tuned_rows(scorer, names, "TSV-M", "tsv", grid, **EXACT)
+    rows += tsv
     randomized = _merge(zoo, names, "tsv", **RANDOMIZED)
     rows.append(Row("TSV-M, randomized SVD", scorer.score(randomized, names), 1.0))
     # torch has no bf16 SVD on CPU, so bf16 compute runs on the randomized route and is compared with it

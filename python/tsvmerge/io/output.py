@@ -76,10 +76,26 @@ def model_writer(target: Output, infos: dict[str, TensorInfo], metadata: dict, *
     published at `target` when the block succeeds, together with the outputs `also` (a report
     file), all or none. Other files of the model (its report) go into `writer.folder` inside
     the block, the outputs `also` into the temporary paths `writer.also`."""
-    with publishing(target, *also) as (folder, *others), \
-            _completed(ShardedWriter(folder, infos, shard_size, metadata)) as writer:
-        writer.also = others
+    with model_writers(target, infos, {"": metadata}, shard_size=shard_size, also=also) as (writer,):
         yield writer
+
+
+@contextlib.contextmanager
+def model_writers(target: Output, infos: dict[str, TensorInfo], metadata: dict[str, dict], *, shard_size: int,
+                  also: tuple[Output | None, ...] = ()):
+    """`model_writer` for several models of the same tensors: one in the sub-folder NAME of
+    `target` for each NAME: metadata of `metadata` ("" is `target` itself), all published in
+    one rename, or none."""
+    with publishing(target, *also) as (folder, *others), contextlib.ExitStack() as stack:
+        writers = []
+        for name, meta in metadata.items():
+            sub = os.path.join(folder, name) if name else folder
+            if name:
+                os.mkdir(sub, 0o777)
+            writer = stack.enter_context(_completed(ShardedWriter(sub, infos, shard_size, meta)))
+            writer.also = others
+            writers.append(writer)
+        yield writers
 
 
 @contextlib.contextmanager

@@ -180,8 +180,8 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, alpha: float
     factors = not (method.dense or options.get("dare"))     # DARE and masks need every task vector dense
     for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress, factors):
         batch = loaded.batch
-        apply_steps_(loaded, backend.seed, options)
         start = time.perf_counter()
+        apply_steps_(loaded, backend.seed, options)      # in place, once: the non-finite check re-runs the method only
         compute = _updates if updates else _compute
         outputs, stats = compute(loaded, method, backend, alpha, options, out_dtype, plan)
         seconds = time.perf_counter() - start

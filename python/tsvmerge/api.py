@@ -20,6 +20,7 @@ from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io.names import align_names
 from .methods import Method, get_method
+from .methods.steps import check_task_alpha
 from .primitives import lowrank_apply
 from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
@@ -185,6 +186,7 @@ def _methods(method: str, backend: str, device, compute_dtype, seed, options: di
 def _planned(base, finetuned: list, m, method_options: dict, be, *, exclude, preset, batch_bytes: int,
              trust_pickle: bool, start: float) -> _Merge:
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
+    check_task_alpha(method_options["task_alpha"], len(tasks))
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
     rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
@@ -210,7 +212,9 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     folder and returns the report (a base folder's config and tokenizer files are carried over:
     `io.model_files`); with `output_format="peft"` as well, the merged update as a PEFT LoRA
     adapter folder instead (`io.lora_writer`; method tsv, and only matrices on the spectral path
-    may change). `report=FILE` also writes the JSON report there. Outputs are published
+    may change). `alpha` scales the merged update; a list, one number per task, scales each task
+    vector before the merge instead (the same as `task_alpha=[...]`, which combines with a
+    global `alpha`). `report=FILE` also writes the JSON report there. Outputs are published
     whole at the end (`io.publish`): an existing one is replaced only with `overwrite=True`,
     and never an input. `trust_pickle` lets `.pt/.bin` files that hold whole pickled modules be
     unpickled (it can run code). `options` are the method's and the backend's
@@ -224,6 +228,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     """
     start = time.perf_counter()
     finetuned = task_list(finetuned)
+    alpha, options = _per_task_alpha(alpha, options)
     several = alphas is not None
     if several and alpha != 1.0:
         raise ValueError("give alpha or alphas, not both")
@@ -371,6 +376,15 @@ def applied(base: Checkpoint, name: str, delta, alpha: float, dtype: torch.dtype
         raise InputError(base.source, name, f"base + {alpha:g} * update is not finite in "
                          f"{str(dtype).replace('torch.', '')}: use a smaller alpha or a wider out_dtype")
     return out
+
+
+def _per_task_alpha(alpha, options: dict) -> tuple:
+    """alpha=[a_1, ..., a_T] is task_alpha with the global alpha 1 (FusionBench's TSV-M list)."""
+    if not isinstance(alpha, (list, tuple)):
+        return alpha, options
+    if "task_alpha" in options:
+        raise ValueError("alpha is a list (one per task) and task_alpha is given too: give the per-task alphas once")
+    return 1.0, {**options, "task_alpha": alpha}
 
 
 def _adapter_output(output_format: str, out, method) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from . import __version__
 from .api import alpha_folder, alpha_list
 from .backends import BACKENDS, importable_options
 from .methods import METHODS
+from .methods.steps import STEP_OPTIONS
 from .io import InputError, OutputError
 from .warn import TsvmergeWarning
 from .options import add_flags, finite_float, given_flags
@@ -84,19 +86,25 @@ def whole_number(low: int):
 
 
 def _declared(kind: str, declarations: dict) -> tuple[list, dict]:
-    """Options that several methods (or backends) declare, once each (the same declaration),
-    and who declares each, for the help text."""
+    """Options that several methods (or backends) declare, once each (the same declaration, up
+    to the default: where defaults differ the flag shows none, its help says them), and who
+    declares each, for the help text."""
     options, owners = {}, {}
     for owner, declared in declarations.items():
         for o in declared:
-            if options.setdefault(o.name, o) != o:
+            first = options.setdefault(o.name, o)
+            if dataclasses.replace(first, default=None) != dataclasses.replace(o, default=None):
                 raise RuntimeError(f"option {o.name} is declared twice, differently")  # a programming error
+            if first.default != o.default:
+                options[o.name] = dataclasses.replace(o, default=None)
             owners.setdefault(o.name, []).append(owner)
-    return list(options.values()), {name: f"{kind} {'/'.join(who)}" for name, who in owners.items()}
+    return list(options.values()), {name: f"{kind} {'/'.join(who)}" if len(who) < len(declarations) else f"every {kind}"
+                                    for name, who in owners.items()}
 
 
 BACKEND_FLAGS = _declared("backend", importable_options())
 METHOD_FLAGS = _declared("method", {m.name: m.options for m in METHODS.values()})
+TSV_OWN = tuple(o for o in METHODS["tsv"].options if o not in STEP_OPTIONS)   # interference's: no merge steps
 
 
 TRUST_HELP = ("unpickle .pt/.bin files that hold whole pickled modules (as the TSV paper's checkpoints do) and "
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("interference", help="Singular Task Interference per tensor and task-pair overlaps")
     _common(p)
-    add_flags(p, METHODS["tsv"].options, {o.name: "as in method tsv" for o in METHODS["tsv"].options})
+    add_flags(p, TSV_OWN, {o.name: "as in method tsv" for o in TSV_OWN})
     p.add_argument("--report", help="write the full JSON (with T x T overlaps) here")
     p.add_argument("--plot", help="write a picture (png, pdf, svg): STI per tensor and the mean task-pair overlap")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report or plot")
@@ -294,7 +302,7 @@ def _cmd_convert(a) -> int:
 
 def _cmd_interference(a) -> int:
     from . import interference
-    kw = {**_engine_kwargs(a), **given_flags(a, METHODS["tsv"].options)}
+    kw = {**_engine_kwargs(a), **given_flags(a, TSV_OWN)}
     rep = interference(a.base, a.finetuned, report=a.report, plot=a.plot, overwrite=a.overwrite, **kw)
     rows = sorted(rep["tensors"].items(), key=lambda kv: -kv[1]["sti"])
     print(f"{'tensor':60s} {'k':>5s} {'STI':>12s} {'after':>10s}")

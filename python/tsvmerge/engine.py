@@ -19,6 +19,7 @@ from .backends import Backend, TaskSVD
 from .heap import reuse_freed_memory
 from .io import InputError
 from .methods import LowRank, Method
+from .methods.steps import apply_steps_
 from .plan import COPY, SPECTRAL, Batch, MergePlan, batch_nbytes
 
 
@@ -62,14 +63,16 @@ def _stored_factors(task, names: list, k: int):
     return tuple(torch.stack([F.pad(f[i], (0, width - f[1].shape[0])) for f in fs]) for i in range(3))
 
 
-def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device) -> Loaded:
+def load_batch(plan: MergePlan, batch: Batch, dtype: torch.dtype, device, factors: bool = True) -> Loaded:
+    """One batch in the compute dtype on the device; tasks stored as factors stay factors on the
+    spectral path when `factors`, else every task is read dense."""
     start = time.perf_counter()
     base = torch.stack([_checked(plan.base.read(n), plan.base.source, n) for n in batch.names])
     if batch.path == COPY:
         return Loaded(batch, base, None, seconds=time.perf_counter() - start)
     base = base.to(dtype)
     factored = {}
-    if batch.path == SPECTRAL:
+    if batch.path == SPECTRAL and factors:
         for t, task in enumerate(plan.tasks):
             f = _stored_factors(task, batch.names, batch.k)
             if f is not None:
@@ -127,15 +130,15 @@ def _task_bytes(plan: MergePlan, batch: Batch) -> int:
     return len(plan.tasks) * 4 * plan.tensors[batch.names[0]].info.numel * len(batch.names)
 
 
-def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, progress=None):
-    """Yield each batch loaded: read ahead in a background thread when the inputs are files,
-    in turn when they are in memory.
+def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, progress=None, factors: bool = True):
+    """Yield each batch loaded (`load_batch`): read ahead in a background thread when the inputs
+    are files, in turn when they are in memory.
 
     In memory, loading is CPU work (the copy that forms tau), and a reader thread competing
     with the compute threads costs more than it hides on a machine with few cores (ViT-B-32
     x 8 on 2 cores: 18.9 s in turn, 19.6 s with one batch read ahead, 20.7 s with more).
     """
-    args = (backend.compute_dtype, backend.device)
+    args = (backend.compute_dtype, backend.device, factors)
     total = sum(_task_bytes(plan, b) for b in batches)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
                disable=(None if progress is None else not progress))
@@ -178,9 +181,11 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, outputs: lis
     factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
     """
     entries = {}
-    for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress):
+    factors = not (method.dense or options.get("dare"))     # DARE and masks need every task vector dense
+    for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress, factors):
         batch = loaded.batch
         start = time.perf_counter()
+        apply_steps_(loaded, backend.seed, options)      # in place, once: the non-finite check re-runs the method only
         update, stats = (None, {}) if batch.path == COPY else _method_update(loaded, method, backend, options)
         for alpha, write in outputs:
             if updates:

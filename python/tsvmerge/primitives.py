@@ -10,6 +10,8 @@ inverse) is a parameter.
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 # The paper's clamp for the whitening route: 1 / (sqrt(|lambda|) + eps).
@@ -49,6 +51,13 @@ def gaussian_sketch(n: int, c: int, seed: int, device=None, dtype=torch.float32)
     """Seeded standard-normal test matrix Omega [n, c], shared by every matrix of a batch."""
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     return torch.randn(n, c, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def named_generator(seed: int, name: str, role: str) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of (seed, tensor name, role): draws that depend
+    on what a tensor is, never on batch order or process (`hash()` is salted per process)."""
+    digest = hashlib.blake2b(f"{seed}/{name}/{role}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,6 @@ disagree with real checkpoints. Tests of the copy path add their own int tensor.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .io import TensorInfo, claim, publishing
 from .io.safetensors import SafetensorsWriter
+from .primitives import named_generator
 
 
 @dataclass(frozen=True)
@@ -113,19 +113,13 @@ class Zoo:
     tasks: int = 0
 
 
-def _generator(seed: int, name: str, role: str) -> torch.Generator:
-    # hashlib, not hash(): Python salts str hashes per process.
-    digest = hashlib.blake2b(f"{seed}/{name}/{role}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-
-
 def _base_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
     """An initialised ViT: LayerNorm weight 1 and bias 0, biases 0, everything else N(0, 0.02)."""
     if ".ln_" in name:
         return torch.ones(shape) if name.endswith(".weight") else torch.zeros(shape)
     if name.endswith("bias"):
         return torch.zeros(shape)
-    return torch.randn(shape, generator=_generator(seed, name, "base")) * BASE_STD
+    return torch.randn(shape, generator=named_generator(seed, name, "base")) * BASE_STD
 
 
 def _orthonormal_factor(shared: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -160,15 +154,15 @@ def _task_deltas(name: str, shape: tuple, tasks: int, seed: int, spectrum: str) 
     """The T task vectors of one tensor, one at a time (fp32)."""
     if len(shape) != 2:
         for t in range(tasks):
-            yield torch.randn(shape, generator=_generator(seed, name, f"task{t}")) * DELTA_RMS
+            yield torch.randn(shape, generator=named_generator(seed, name, f"task{t}")) * DELTA_RMS
         return
     m, n = shape
     sigma, floor = _head(spectrum, m, n, tasks)
-    common = _generator(seed, name, "shared")
+    common = named_generator(seed, name, "shared")
     shared_u = torch.randn(m, len(sigma), generator=common)
     shared_v = torch.randn(n, len(sigma), generator=common)
     for t in range(tasks):
-        gen = _generator(seed, name, f"task{t}")
+        gen = named_generator(seed, name, f"task{t}")
         strength = 0.5 + torch.rand((), generator=gen).item()  # tasks differ in how far they move
         u = _orthonormal_factor(shared_u, gen)
         v = _orthonormal_factor(shared_v, gen)

@@ -107,15 +107,15 @@ class _PoolAlgorithm(BaseAlgorithm):
 class TSVMerge(_PoolAlgorithm):
     """TSV-M (`method="tsv"`): returns the pretrained model with the merged weights.
 
-    `alpha` scales the merged update; `k` the per-task rank (default floor(r/T));
+    `alpha` scales the merged update, or is a list with one weight per task that scales each task
+    vector before the merge (as FusionBench's TSV-M); `k` the per-task rank (default floor(r/T));
     `orthogonalize` "procrustes" or "whiten"; `exclude_keys` tensor names or patterns kept
     off the spectral path (FusionBench's key); the rest as `tsvmerge.merge`.
     """
 
     def __init__(self, alpha: float = 1.0, k=None, orthogonalize: str = "procrustes", **kwargs):
-        if not isinstance(alpha, (int, float)):
-            raise ValueError(f"TSVMerge: alpha must be one number, got {alpha!r} (per-task weights are not supported)")
-        self.alpha, self.k, self.orthogonalize = float(alpha), k, orthogonalize
+        self.alpha = float(alpha) if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+        self.k, self.orthogonalize = k, orthogonalize
         super().__init__(**kwargs)
 
     def run(self, modelpool):

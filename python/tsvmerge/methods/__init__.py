@@ -4,7 +4,8 @@ A method maps one batch -- base [L, *shape] and task vectors tau [L, T, *shape] 
 compute dtype -- to the update Delta: a dense tensor [L, *shape] or a `LowRank` factorisation.
 The engine adds alpha * Delta to the base. Methods never know which backend runs. Each method
 declares its options once (`tsvmerge.options.Option`); `merge()` and the command line derive
-theirs from the declarations.
+theirs from the declarations. Every method also takes the steps on the task vectors that run
+before it (`methods.steps`: DARE, per-task alpha), unless it declares its own default for one.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..options import Option
+from .steps import STEP_OPTIONS
 
 
 @dataclass
@@ -31,14 +33,18 @@ class Method:
     spectral: bool          # 2-D tensors take the spectral path
     options: tuple          # Option declarations
     doc: str
+    dense: bool = False     # masks entries across tasks: stored factors (TSV-C, LoRA) are read dense
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, spectral: bool = False, options: tuple[Option, ...] = ()):
+def register(name: str, *, spectral: bool = False, dense: bool = False, options: tuple[Option, ...] = ()):
+    own = {o.name for o in options}
+    options = tuple(options) + tuple(o for o in STEP_OPTIONS if o.name not in own)
+
     def wrap(fn):
-        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0])
+        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0], dense)
         return fn
     return wrap
 
@@ -49,4 +55,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import average, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)
+from . import average, task_arithmetic, ties, tsv, consensus  # noqa: E402,F401  (registers the methods)

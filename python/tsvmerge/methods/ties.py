@@ -2,9 +2,12 @@ import torch
 
 from ..options import Option, fraction
 from . import register
+from .dare import dare_option
+
+DENSITY = Option("density", fraction, 0.2, "fraction of each task's entries kept")
 
 
-@register("ties", options=(Option("density", fraction, 0.2, "fraction of each task's entries kept"),))
+@register("ties", options=(DENSITY,))
 def ties(base, tau, *, density: float, **_):
     """TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean; scaled by alpha.
 
@@ -21,3 +24,13 @@ def ties(base, tau, *, density: float, **_):
     total = torch.where(agree, flat, torch.zeros((), dtype=flat.dtype)).sum(1)
     count = agree.sum(1).clamp_min(1)
     return (total / count).reshape(tau.shape[:1] + tau.shape[2:]), {}
+
+
+@register("dare_ties", options=(DENSITY, dare_option(0.9)))
+def dare_ties(base, tau, *, density: float, **_):
+    """DARE then TIES (Yu et al. 2024): tau_i dropped at random and rescaled, then trimmed, elected, merged.
+
+    As the paper and FusionBench (DARE, then the whole of TIES); mergekit's dare_ties skips the
+    trim (`density=1` here).
+    """
+    return ties(base, tau, density=density)

@@ -21,7 +21,7 @@ from .io.names import align_names
 from .methods import get_method
 from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
-from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, merge_rank, plan_merge
+from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, EnergyBudget, merge_rank, plan_merge
 
 PRESETS = {"clip": CLIP_PRESET}
 OUTPUT_FORMATS = ("model", "peft")
@@ -168,13 +168,16 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
-    rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
+    rank = functools.partial(m.rank or merge_rank, T=len(tasks), k=k) if m.spectral else None
     plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
     infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
              for n, p in plan.tensors.items()}
-    meta = {"method": method, "alpha": alpha, "options": {**method_options, **({"k": k} if m.spectral else {})},
+    meta = {"method": method, "alpha": alpha,
+            "options": {**method_options, **({"k": str(k) if isinstance(k, EnergyBudget) else k} if m.spectral else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
+    if isinstance(k, EnergyBudget):
+        method_options["energy"] = k.share      # the plan loads every triplet; the method picks the ranks
     warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
                            "(times alpha) to the base, there is nothing to merge it with")
 

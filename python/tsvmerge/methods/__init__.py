@@ -31,14 +31,15 @@ class Method:
     spectral: bool          # 2-D tensors take the spectral path
     options: tuple          # Option declarations
     doc: str
+    rank: Callable | None = None    # spectral: (shape, T, k) -> (per-task width loaded, note); None: merge_rank
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, spectral: bool = False, options: tuple[Option, ...] = ()):
+def register(name: str, *, spectral: bool = False, options: tuple[Option, ...] = (), rank: Callable | None = None):
     def wrap(fn):
-        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0])
+        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0], rank)
         return fn
     return wrap
 
@@ -49,4 +50,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import average, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)
+from . import average, iso, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)

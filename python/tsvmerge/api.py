@@ -173,7 +173,8 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
              for n, p in plan.tensors.items()}
     meta = {"method": method, "alpha": alpha,
-            "options": {**method_options, **({"k": str(k) if isinstance(k, EnergyBudget) else k} if m.spectral else {})},
+            "options": {**method_options, **({"k": str(k) if isinstance(k, EnergyBudget) else k}
+                                             if any(o.name == "k" for o in m.options) else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
     if isinstance(k, EnergyBudget):

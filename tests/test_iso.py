@@ -211,3 +211,16 @@ def test_cli_end_to_end(tmp_path, method):
     for f in glob.glob(str(tmp_path / "out" / "*.safetensors")):
         got.update(load_file(f))
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+@pytest.mark.parametrize("method,options", [("iso_c", {}), ("iso_cts", {}), ("tsv", {"k": "energy:0.9"})])
+def test_tasks_stored_as_factors(seed, method, options):
+    """Tasks stored as TSV-C factors (one of them dense): the same merge as from the task
+    matrices those factors make, which the engine hands to the method as SVDs."""
+    base, tasks = random_zoo(seed, 3, {"w": (40, 24), "b": (24,)}, torch.float64)
+    stored = [tsvmerge.compress(base, t, rank=4, compute_dtype="float64") for t in tasks[:2]]
+    dense = [tsvmerge.decompress(base, c) for c in stored]
+    kw = dict(method=method, backend="reference", compute_dtype="float64", **options)
+    a = tsvmerge.merge(base, [*stored, tasks[2]], **kw)["w"]
+    b = tsvmerge.merge(base, [*dense, tasks[2]], **kw)["w"]
+    assert rel(a - base["w"], b - base["w"]) < 1e-10

@@ -40,11 +40,22 @@ def iso_c(base, tau, *, path, k, backend, svd=None, **_):
     """Iso-C: the SVD of the summed task vectors with its singular values replaced by their mean.
 
     Delta = mean(s) U V^T for sum_i tau_i = U diag(s) V^T; alpha on top. Other tensors: the mean.
+    Backends with a polar route (`polar_root`) take U V^T as the sum's polar factor instead.
     """
     if path != "spectral":
         return tau.mean(1), {}
-    u, s, v = sum_svd(task_matrices(tau, svd), backend, k)
-    return LowRank(u, isotropic(s), v), {}
+    total = task_matrices(tau, svd).sum(1)
+    tall = total.shape[-2] >= total.shape[-1]
+    x = total if tall else total.mT
+    root = backend.polar_root(x)
+    if root is None:        # the exact path: from the sum's SVD, as the paper does
+        u, s, v = sum_svd(total.unsqueeze(1), backend, k)
+        return LowRank(u, isotropic(s), v), {}
+    # U V^T = polar(x) through the Gram (the fast backends), on x's range: a partial isometry p
+    # with <p, x> = sum s (the nuclear norm) and <p, p> = rank, so mean(s) = <p, x> / <p, p>
+    p = x @ root
+    flat = (p * x).sum((-2, -1), keepdim=True) / (p * p).sum((-2, -1), keepdim=True).clamp_min(1)
+    return (flat * p) if tall else (flat * p).mT, {}
 
 
 def split_rank(r: int, T: int, common_space_fraction: float) -> tuple[int, int]:

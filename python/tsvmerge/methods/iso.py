@@ -52,10 +52,13 @@ def iso_c(base, tau, *, path, k, backend, svd=None, **_):
         u, s, v = sum_svd(total.unsqueeze(1), backend, k)
         return LowRank(u, isotropic(s), v), {}
     # U V^T = polar(x) through the Gram (the fast backends), on x's range: a partial isometry p
-    # with <p, x> = sum s (the nuclear norm) and <p, p> = rank, so mean(s) = <p, x> / <p, p>
+    # with <p, x> = sum s (the nuclear norm) and <p, p> = rank, so mean(s) = <p, x> / <p, p>.
+    # A LowRank update like every spectral one (a PEFT output takes it), p times the identity.
     p = x @ root
-    flat = (p * x).sum((-2, -1), keepdim=True) / (p * p).sum((-2, -1), keepdim=True).clamp_min(1)
-    return (flat * p) if tall else (flat * p).mT, {}
+    flat = (p * x).sum((-2, -1)) / (p * p).sum((-2, -1)).clamp_min(1)
+    s = flat.unsqueeze(-1).expand(-1, p.shape[-1])
+    eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device).expand_as(root)
+    return (LowRank(p, s, eye) if tall else LowRank(eye, s, p)), {}
 
 
 def split_rank(r: int, T: int, common_space_fraction: float) -> tuple[int, int]:

@@ -1,7 +1,8 @@
-"""End-to-end TSV-M merge throughput and memory over synthetic zoos.
+"""End-to-end merge throughput and memory over synthetic zoos (TSV-M, or any `--methods`).
 
     python benchmarks/throughput.py                       # B-32/B-16/L-14 x 8/14/20, both backends
     python benchmarks/throughput.py --archs ViT-B-32 --tasks 8 --in-memory
+    python benchmarks/throughput.py --archs ViT-B-32 --tasks 8 --in-memory --layers 2 --methods tsv iso_c iso_cts
 
 Every configuration (arch, tasks, backend, source) runs in its own child process
 (`--one CONFIG`), so its peak RSS is its own: the parent reads it from `os.wait4`. Results go
@@ -54,7 +55,7 @@ def run_one(cfg: dict) -> dict:
     options = {k: cfg[k] for k in ("power_iters", "oversample") if cfg.get(k) is not None and cfg["backend"] != "reference"}
     if cfg.get("energy_target", "default") != "default":
         options["energy_target"] = None if cfg["energy_target"] == "none" else float(cfg["energy_target"])
-    merge_args = dict(method="tsv", backend=cfg["backend"], device=cfg["device"], progress=False, **options)
+    merge_args = dict(method=cfg.get("method", "tsv"), backend=cfg["backend"], device=cfg["device"], progress=False, **options)
     # Warm up library code paths (LAPACK, CUDA context) on a tiny model outside the timing.
     tiny = Arch("warmup", width=64, layers=1, patch=16, image=64, output_dim=32)
     tsvmerge.merge(*make_zoo_dicts(tiny, cfg["tasks"]), **merge_args)
@@ -110,12 +111,12 @@ def sweep(args) -> list[dict]:
             for tasks in args.tasks:
                 for source in args.sources:
                     zoos = {}  # layer count -> Zoo, shared by the backends
-                    for backend, target in [(b, t) for b in args.backends
-                                            for t in (["default"] if b == "reference" else args.energy_targets)]:
+                    for method, backend, target in [(m, b, t) for m in args.methods for b in args.backends
+                                                    for t in (["default"] if b == "reference" else args.energy_targets)]:
                         layers = full_layers
                         if backend == "reference" and args.reference_layers:
                             layers = min(full_layers, args.reference_layers)
-                        row = {"arch": arch, "tasks": tasks, "backend": backend, "source": source,
+                        row = {"arch": arch, "tasks": tasks, "method": method, "backend": backend, "source": source,
                                "device": args.device, "layers": layers, "full_layers": full_layers,
                                "spectrum": args.spectrum, "energy_target": target}
                         input_bytes = (tasks + 1) * model_bytes(arch, layers)
@@ -147,7 +148,7 @@ def sweep(args) -> list[dict]:
 
 
 # -- output ---------------------------------------------------------------------------
-HEADER = ("| arch | T | backend | source | layers run/full | wall s (run) | CPU s (run) | wall s (full model) | "
+HEADER = ("| arch | T | method | backend | source | layers run/full | wall s (run) | CPU s (run) | wall s (full model) | "
           "task-vector GB/s | peak RSS GB | peak GPU GB | min / mean energy | passes (mean) | capped |")
 
 
@@ -161,7 +162,7 @@ def fmt(x, spec):
 
 
 def format_row(r: dict) -> str:
-    lead = f"| {r['arch']} | {r['tasks']} | {backend_label(r)} | {r['source']} | {r['layers']}/{r['full_layers']} |"
+    lead = f"| {r['arch']} | {r['tasks']} | {r.get('method', 'tsv')} | {backend_label(r)} | {r['source']} | {r['layers']}/{r['full_layers']} |"
     if "wall_s" not in r:
         return lead + f" {r.get('skipped') or r.get('error')} | | | | | | | | |"
     scaled = " (scaled)" if r["scaled"] else ""
@@ -171,13 +172,14 @@ def format_row(r: dict) -> str:
 
 
 def speedups(rows: list[dict]) -> list[str]:
-    """reference / torch full-model wall time per (arch, T, source)."""
+    """reference / torch full-model wall time per (arch, T, source, method)."""
     lines = []
-    done = {(r["arch"], r["tasks"], r["source"], backend_label(r)): r for r in rows if "wall_s" in r}
-    for (arch, tasks, source, backend), fast in done.items():
-        ref = done.get((arch, tasks, source, "reference"))
+    done = {(r["arch"], r["tasks"], r["source"], r.get("method", "tsv"), backend_label(r)): r for r in rows if "wall_s" in r}
+    for (arch, tasks, source, method, backend), fast in done.items():
+        ref = done.get((arch, tasks, source, method, "reference"))
         if backend != "reference" and ref:
-            lines.append(f"| {arch} | {tasks} | {source} | {backend} | {ref['wall_s_full'] / fast['wall_s_full']:.1f}x |")
+            lines.append(f"| {arch} | {tasks} | {source} | {method} | {backend} | "
+                         f"{ref['wall_s_full'] / fast['wall_s_full']:.1f}x |")
     return lines
 
 
@@ -201,17 +203,20 @@ def write_results(rows, args, record: Record) -> str:
     speed = speedups(rows)
     if speed:
         lines += ["", "Speed-up over the exact reference (full-model wall times):", "",
-                  "| arch | T | source | backend | speed-up |", "|---|---|---|---|---|", *speed]
-    return record.write({"rows": rows}, f"TSV-M merge throughput: {m['device_label']}, commit {m['commit']}", lines)
+                  "| arch | T | source | method | backend | speed-up |", "|---|---|---|---|---|---|", *speed]
+    return record.write({"rows": rows}, f"Merge throughput ({', '.join(args.methods)}): {m['device_label']}, commit {m['commit']}", lines)
 
 
 def parse(argv=None):
+    from tsvmerge.methods import METHODS
     from tsvmerge.zoo import ARCHS, SPECTRA
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--one", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     p.add_argument("--tasks", nargs="+", type=int, default=[8, 14, 20])
     p.add_argument("--backends", nargs="+", default=["reference", "torch"])
+    p.add_argument("--methods", nargs="+", default=["tsv"], choices=sorted(METHODS),
+                   help="merge methods, each run on every backend (default: %(default)s)")
     p.add_argument("--layers", type=int, help="blocks per model (default: the arch's own)")
     p.add_argument("--reference-layers", type=int, default=2,
                    help="blocks the reference runs on, scaled up to the full model (0: all)")

@@ -24,7 +24,7 @@ from .methods.steps import check_task_alpha
 from .primitives import lowrank_apply
 from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
-from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, MergePlan, merge_rank, plan_merge
+from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, EnergyBudget, MergePlan, merge_rank, plan_merge
 
 PRESETS = {"clip": CLIP_PRESET}
 OUTPUT_FORMATS = ("model", "peft")
@@ -189,11 +189,15 @@ def _planned(base, finetuned: list, m, method_options: dict, be, *, exclude, pre
     check_task_alpha(method_options["task_alpha"], len(tasks))
     excluded = exclusions(exclude, preset)
     k = method_options.pop("k", None)
-    rank = functools.partial(merge_rank, T=len(tasks), k=k) if m.spectral else None
+    rank = functools.partial(m.rank or merge_rank, T=len(tasks), k=k) if m.spectral else None
     plan = plan_merge(base_ckpt, tasks, spectral_rank=rank, exclude=excluded, batch_bytes=batch_bytes)
-    meta = {"method": m.name, "alpha": None, "options": {**method_options, **({"k": k} if m.spectral else {})},
+    meta = {"method": m.name, "alpha": None,
+            "options": {**method_options, **({"k": str(k) if isinstance(k, EnergyBudget) else k}
+                                             if any(o.name == "k" for o in m.options) else {})},
             "exclude": list(excluded), "backend": be.describe(), "tsvmerge_version": __version__,
             "inputs": describe_inputs([base_ckpt] + tasks)}
+    if isinstance(k, EnergyBudget):
+        method_options["energy"] = k.share      # the plan loads every triplet; the method picks the ranks
     warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
                            "(times alpha) to the base, there is nothing to merge it with")
     return _Merge(plan, m, be, method_options, meta, warned, start)

@@ -288,6 +288,8 @@ def _entry(tp, stats: dict, layer: int, seconds: float) -> dict:
             entry["capped"] = True      # stopped at max_passes below the energy target: `energy` says where
         if "sti" in stats:
             entry["sti"] = float(stats["sti"][layer])
+        if "ranks" in stats:
+            entry["ranks"] = stats["ranks"][layer].tolist()     # each task's rank, where they differ from k
     if tp.note:
         entry["note"] = tp.note
     return entry

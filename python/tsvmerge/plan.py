@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .io import Checkpoint, InputError, TensorInfo
+from .options import fraction, positive_int
 
 # spectral: per-task SVDs; dense: an elementwise update (the mean, for tsv); copy: the base as it is
 SPECTRAL, DENSE, COPY = "spectral", "dense", "copy"
@@ -72,14 +73,43 @@ def validate(base: Checkpoint, tasks: list) -> dict[str, TensorInfo]:
     return ref
 
 
-def merge_rank(shape, T: int, k: int | None = None) -> tuple[int, str]:
-    """TSV-M's budget: k = floor(r / T) by default, or a given k with T*k <= r. k = 0 (r < T)
+@dataclass(frozen=True)
+class EnergyBudget:
+    """k = "energy:F": each task, per tensor, keeps the smallest rank that holds a share F of
+    its spectral energy (sum s^2), the ranks shrunk in proportion where they add up to more
+    than r = min(m, n) (`methods.tsv.energy_ranks`)."""
+    share: float
+
+    def __str__(self) -> str:
+        return f"energy:{self.share:g}"
+
+
+def rank_budget(x) -> int | EnergyBudget:
+    """TSV-M's `k`: a whole number >= 1, or "energy:F" with F in (0, 1]."""
+    text = x.strip().lower() if isinstance(x, str) else ""
+    try:
+        return EnergyBudget(fraction(text[len("energy:"):])) if text.startswith("energy:") else positive_int(x)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError("expected a whole number >= 1 or 'energy:F' with F in (0, 1] (e.g. energy:0.95)") from None
+
+
+def merge_rank(shape, T: int, k: int | EnergyBudget | None = None) -> tuple[int, str]:
+    """TSV-M's budget: k = floor(r / T) by default, or a given k with T*k <= r; an energy
+    budget loads all r triplets of each task and chooses its ranks from them. k = 0 (r < T)
     sends the tensor down the dense path, with a note saying why."""
     r = min(shape)
+    if isinstance(k, EnergyBudget):
+        return merge_rank(shape, T) if r < T else (r, "")
     if k is not None and k * T > r:
         raise ValueError(f"k={k} for {T} tasks needs T*k <= min(m, n) = {r} for shape {list(shape)}")
     rank = r // T if k is None else k
     return rank, "" if rank else f"r={r} < T={T} gives k=0: dense path instead"
+
+
+def full_rank(shape, T: int, k=None) -> tuple[int, str]:
+    """Every triplet of each task (the Iso methods work on whole task matrices)."""
+    r = min(shape)
+    return r, "" if r else "empty matrix: dense path"
 
 
 def classify(name: str, info: TensorInfo, *, spectral_rank, exclude) -> TensorPlan:

@@ -34,17 +34,19 @@ class Method:
     options: tuple          # Option declarations
     doc: str
     dense: bool = False     # masks entries across tasks: stored factors (TSV-C, LoRA) are read dense
+    rank: Callable | None = None    # spectral: (shape, T, k) -> (per-task width loaded, note); None: merge_rank
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, *, spectral: bool = False, dense: bool = False, options: tuple[Option, ...] = ()):
+def register(name: str, *, spectral: bool = False, dense: bool = False, options: tuple[Option, ...] = (),
+             rank: Callable | None = None):
     own = {o.name for o in options}
     options = tuple(options) + tuple(o for o in STEP_OPTIONS if o.name not in own)
 
     def wrap(fn):
-        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0], dense)
+        METHODS[name] = Method(name, fn, spectral, options, (fn.__doc__ or "").strip().splitlines()[0], dense, rank)
         return fn
     return wrap
 
@@ -55,4 +57,4 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from . import average, task_arithmetic, ties, tsv, consensus  # noqa: E402,F401  (registers the methods)
+from . import average, consensus, iso, task_arithmetic, ties, tsv  # noqa: E402,F401  (registers the methods)

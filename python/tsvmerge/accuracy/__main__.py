@@ -25,8 +25,8 @@ from .checkpoints import load_or_build
 # the cheapest recipe of benchmarks/accuracy/sweep.py that meets it; "hard": the first zoo, full fine-tuning at
 # lr 1e-3 for 20 epochs (large task vectors, no spectral gap at k); "quick": the slow test's tiny run.
 ZOOS = {
-    "paper": (ViTConfig(), TrainConfig()),
-    "hard": (ViTConfig(), TrainConfig(finetune_epochs=20, finetune_lr=1e-3)),
+    "paper": (ViTConfig(width=128), TrainConfig(pretrain_epochs=15, finetune_lr=3e-4, finetune_epochs=5)),
+    "hard": (ViTConfig(), TrainConfig()),
     "quick": (ViTConfig(width=32, layers=2, heads=2, embed_dim=32), TrainConfig(pretrain_epochs=6, finetune_epochs=3)),
 }
 

@@ -81,6 +81,12 @@ def test_story_ranks_the_merges_and_says_who_loses():
     assert "in the paper's regime" in lines[1] and "99.0%" in lines[1]
     assert lines[2].startswith("  Task arithmetic loses most: at α = 1") and lines[2].endswith("below zero-shot: Task arithmetic.")
     assert lines[3] == "  randomized SVD and bf16 compute move TSV-M by at most 0.3 points."
+    rows[2] = _row("Weight averaging", 0.75, 0.75)
+    rows[3]["step"], rows[4]["step"] = 2.0, 1.5
+    lines = story({"zoos": {"paper": {"sets": {"2 tasks": {"tasks": names, "rows": rows}}, "premise": PREMISE}}})
+    assert lines[0].split(": ")[1].startswith("Weight averaging 93.8 > TSV-M 87.5")
+    assert lines[3] == ("  averaging wins: the other merges add up the 2 tasks' vectors (or their top parts), so at α = 1 "
+                        "they move the weights Task arithmetic 2.0×, TSV-M 1.5× as far, and overshoot here.")
 
 
 def test_broad_augmentation_is_seeded_and_stays_in_range():

@@ -43,6 +43,7 @@ class Row:
     test: dict[str, float]  # task -> test accuracy
     alpha: float | None = None  # None: not a merge
     tuned: bool = False  # alpha chosen on validation
+    step: float | None = None  # ||Delta|| over weight averaging's ||Delta||: how far the merge moves the weights
     val_curve: dict[float, float] | None = None  # alpha -> mean normalized validation accuracy
 
 
@@ -101,7 +102,8 @@ def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row], tune:
     for label, method, options in MERGES:
         bar.set_postfix_str(f"{len(names)} tasks: {label}")
         at_one[label] = _merge(zoo, names, method, **options)
-        rows.append(Row(label, scorer.score(at_one[label], names), 1.0))
+        step = relative_difference(at_one[label], zoo.pretrained) / relative_difference(at_one[MERGES[0][0]], zoo.pretrained)
+        rows.append(Row(label, scorer.score(at_one[label], names), 1.0, step=step))
         bar.update()
     exact, randomized, bf16 = (at_one[k] for k in ("TSV-M", "TSV-M, randomized SVD", "TSV-M, randomized SVD, bf16 compute"))
     agreement = {"randomized_vs_exact": relative_difference(_delta(zoo, randomized), _delta(zoo, exact)),

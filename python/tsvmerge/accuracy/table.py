@@ -113,6 +113,12 @@ def story(results: dict) -> list[str]:
         below = [m for m in merges if norm[m] < zero]
         lines.append(f"  {worst} loses most: {why}"
                      + (f"; below zero-shot: {', '.join(below)}." if below else "."))
+        if merges[0] == "Weight averaging":
+            steps = {row["method"]: row["step"] for row in task_set["rows"]
+                     if row["method"] in merges[1:] and not row["tuned"]}
+            lines.append(f"  averaging wins: the other merges add up the {len(names)} tasks' vectors (or their top "
+                         "parts), so at α = 1 they move the weights " + ", ".join(f"{m} {s:.1f}×" for m, s in steps.items())
+                         + " as far, and overshoot here.")
         exact = norm["TSV-M"]
         moved = max(abs(norm[m] - exact) for m in norm if m.startswith("TSV-M,"))
         lines.append(f"  randomized SVD and bf16 compute move TSV-M by at most {100 * moved:.1f} points.")

@@ -72,14 +72,16 @@ def test_normalized_accuracy_is_mean_of_ratios():
 
 def test_story_ranks_the_merges_and_says_who_loses():
     names = ["a", "b"]
-    rows = [_row("Zero-shot (pretrained encoder)", 0.4, 0.4, alpha=None), _row("Fine-tuned (individual)", 0.8, 0.8, alpha=None),
+    rows = [_row("Zero-shot (pretrained encoder)", 0.4, 0.4, alpha=None),
+            _row("Fine-tuned (individual)", 0.8, 0.8, alpha=None),
             _row("Weight averaging", 0.5, 0.5), _row("Task arithmetic", 0.3, 0.3), _row("TSV-M", 0.7, 0.7),
             _row("TSV-M, randomized SVD", 0.7, 0.696), _row("TSV-M", 0.72, 0.72, alpha=0.7, tuned=True)]
     lines = story({"zoos": {"paper": {"sets": {"2 tasks": {"tasks": names, "rows": rows}}, "premise": PREMISE}}})
     assert lines[0] == ("paper zoo, 2 tasks, normalized accuracy at α = 1: TSV-M 87.5 > Weight averaging 62.5 > "
                         "Task arithmetic 37.5 (zero-shot 50.0).")
     assert "in the paper's regime" in lines[1] and "99.0%" in lines[1]
-    assert lines[2].startswith("  Task arithmetic loses most: at α = 1") and lines[2].endswith("below zero-shot: Task arithmetic.")
+    assert lines[2].startswith("  Task arithmetic loses most: at α = 1")
+    assert lines[2].endswith("below zero-shot: Task arithmetic.")
     assert lines[3] == "  randomized SVD and bf16 compute move TSV-M by at most 0.3 points."
     rows[2] = _row("Weight averaging", 0.75, 0.75)
     rows[3]["step"], rows[4]["step"] = 2.0, 1.5
@@ -109,6 +111,12 @@ def test_finetuning_moves_only_its_scope(scope, optimizer):
     before, after = base.state_dict(), tuned.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(SCOPES[scope] in k for k in moved)
+
+
+@pytest.mark.parametrize("field", ["finetune_scope", "finetune_optimizer", "pretrain_augment"])
+def test_recipe_names_are_checked(field):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be one of"):
+        TrainConfig(**{field: "nonsense"})
 
 
 @pytest.mark.slow

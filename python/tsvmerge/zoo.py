@@ -211,7 +211,8 @@ def make_zoo(folder: str, arch: str | Arch = "ViT-B-32", tasks: int = 8, layers:
              progress: bool | None = None, overwrite: bool = False) -> Zoo:
     """Write `base.safetensors` and `task_01.safetensors`... into `folder`, tensor by tensor.
 
-    Memory stays at a few tensors whatever the model size. `progress`: a bar (None: only on a terminal). The folder is published whole when
+    Memory stays at a few tensors whatever the model size; `progress`: a bar (None: only on a
+    terminal). The folder is published whole when
     every file is written (an existing one is replaced only with `overwrite`, an empty one
     excepted); a failed run leaves nothing.
     """

@@ -98,14 +98,14 @@ def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row], tune:
     validation), plus the exact-vs-randomized and fp32-vs-bf16 agreement."""
     zoo = scorer.zoo
     rows = [Row(r.method, {n: r.test[n] for n in names}) for r in individual]
-    at_one = {}
+    at_one, moved = {}, {}
     for label, method, options in MERGES:
         bar.set_postfix_str(f"{len(names)} tasks: {label}")
         at_one[label] = _merge(zoo, names, method, **options)
-        step = relative_difference(at_one[label], zoo.pretrained) / relative_difference(at_one[MERGES[0][0]], zoo.pretrained)
-        rows.append(Row(label, scorer.score(at_one[label], names), 1.0, step=step))
+        moved[label] = relative_difference(at_one[label], zoo.pretrained)
+        rows.append(Row(label, scorer.score(at_one[label], names), 1.0, step=moved[label] / moved[MERGES[0][0]]))
         bar.update()
-    exact, randomized, bf16 = (at_one[k] for k in ("TSV-M", "TSV-M, randomized SVD", "TSV-M, randomized SVD, bf16 compute"))
+    exact, randomized, bf16 = (at_one[label] for label, _, _ in MERGES[3:])
     agreement = {"randomized_vs_exact": relative_difference(_delta(zoo, randomized), _delta(zoo, exact)),
                  "bf16_vs_fp32_randomized": relative_difference(_delta(zoo, bf16), _delta(zoo, randomized))}
     if tune:  # alpha chosen on validation: one row per method whose alpha matters

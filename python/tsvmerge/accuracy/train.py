@@ -21,6 +21,7 @@ from .model import Encoder, ViTConfig
 # Fine-tuning scopes: the part of an encoder weight's name that marks it trainable ("" matches every weight).
 SCOPES = {"all": "", "blocks": ".resblocks.", "attn": ".attn.", "mlp": ".mlp."}
 AUGMENTS = {"shift": random_shift, "broad": broad_augment, "dihedral": dihedral_augment}
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class TrainConfig:
     pretrain_augment: str = "shift"  # a key of AUGMENTS: ±1 px shifts, or a mixture (broad, dihedral)
     batch_size: int = 64
     seed: int = 0
+
+    def __post_init__(self):
+        for field, allowed in (("finetune_scope", SCOPES), ("finetune_optimizer", OPTIMIZERS),
+                               ("pretrain_augment", AUGMENTS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"TrainConfig.{field} must be one of {', '.join(allowed)}, got {getattr(self, field)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

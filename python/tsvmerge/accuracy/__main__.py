@@ -1,7 +1,7 @@
 """Accuracy benchmark: a small open_clip-named ViT, pretrained and fine-tuned on real digit tasks
 (scikit-learn's handwritten digits), merged by every method; prints the paper-style table.
 
-Checkpoints are cached, so only the first run trains (a few minutes on 2 CPU cores).
+Checkpoints are cached, so only the first run trains (about a minute per zoo on 2 CPU cores).
 """
 from __future__ import annotations
 

@@ -54,11 +54,11 @@ def synthetic(spec: str, spectrum: str, seed: int = 0):
 
 
 def real(cache: str, tasks: int):
-    """The accuracy benchmark's encoder and its first `tasks` fine-tunes (trained if not cached)."""
-    from tsvmerge.accuracy.__main__ import FULL
+    """The accuracy benchmark's hard zoo (measured below): its first `tasks` fine-tunes, trained if not cached."""
+    from tsvmerge.accuracy.__main__ import ZOOS
     from tsvmerge.accuracy.checkpoints import load_or_build
     from tsvmerge.accuracy.data import TASKS, load_splits
-    zoo = load_or_build(cache, list(TASKS[:tasks]), *FULL, load_splits())
+    zoo = load_or_build(cache, list(TASKS[:tasks]), *ZOOS["hard"], load_splits())
     names = [t.name for t in TASKS[:tasks]]
     return "accuracy-benchmark ViT", f"real x{tasks}", zoo.pretrained, [zoo.finetuned[n] for n in names]
 

@@ -22,6 +22,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from .backends.lapack import serial_lapack
 from .io import TensorInfo, claim, publishing
 from .io.safetensors import SafetensorsWriter
 from .primitives import named_generator
@@ -125,7 +126,8 @@ def _base_tensor(name: str, shape: tuple, seed: int) -> torch.Tensor:
 def _orthonormal_factor(shared: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Orthonormal columns mixing the tasks' shared directions with the task's own."""
     own = torch.randn(shared.shape, generator=gen)
-    return torch.linalg.qr(math.sqrt(SHARED) * shared + math.sqrt(1 - SHARED) * own)[0]
+    with serial_lapack():  # a thread per core stalls this small QR ~50x when another job holds a core
+        return torch.linalg.qr(math.sqrt(SHARED) * shared + math.sqrt(1 - SHARED) * own)[0]
 
 
 def _head(spectrum: str, m: int, n: int, tasks: int) -> tuple[torch.Tensor, float]:
@@ -167,9 +169,8 @@ def _task_deltas(name: str, shape: tuple, tasks: int, seed: int, spectrum: str) 
         u = _orthonormal_factor(shared_u, gen)
         v = _orthonormal_factor(shared_v, gen)
         # Rank-h product plus iid noise: never a full-rank Gaussian product.
-        delta = torch.randn(m, n, generator=gen).mul_(floor)
-        delta.addmm_(u * sigma, v.T)
-        yield delta.mul_(strength)
+        delta = torch.randn(m, n, generator=gen).mul_(floor * strength)
+        yield delta.addmm_(u * (sigma * strength), v.T)
 
 
 def _check(arch, tasks, spectrum):
@@ -184,7 +185,7 @@ def _generate(arch: Arch, tasks: int, layers, seed: int, spectrum: str):
     """Yield (name, base fp32, iterator over the T fine-tuned fp32 tensors), tensor by tensor."""
     for name, shape in model_shapes(arch, layers).items():
         base = _base_tensor(name, shape, seed)
-        yield name, base, (base + d for d in _task_deltas(name, shape, tasks, seed, spectrum))
+        yield name, base, (d.add_(base) for d in _task_deltas(name, shape, tasks, seed, spectrum))
 
 
 def make_zoo_dicts(arch: str | Arch = "ViT-B-32", tasks: int = 8, layers: int | None = None, seed: int = 0,
@@ -201,10 +202,11 @@ def make_zoo_dicts(arch: str | Arch = "ViT-B-32", tasks: int = 8, layers: int | 
 
 def make_zoo(folder: str, arch: str | Arch = "ViT-B-32", tasks: int = 8, layers: int | None = None,
              seed: int = 0, dtype: torch.dtype = torch.float32, spectrum: str = "powerlaw",
-             progress: bool = True, overwrite: bool = False) -> Zoo:
+             progress: bool | None = None, overwrite: bool = False) -> Zoo:
     """Write `base.safetensors` and `task_01.safetensors`... into `folder`, tensor by tensor.
 
-    Memory stays at a few tensors whatever the model size. The folder is published whole when
+    Memory stays at a few tensors whatever the model size; `progress`: a bar (None: only on a
+    terminal). The folder is published whole when
     every file is written (an existing one is replaced only with `overwrite`, an empty one
     excepted); a failed run leaves nothing.
     """
@@ -223,7 +225,7 @@ def make_zoo(folder: str, arch: str | Arch = "ViT-B-32", tasks: int = 8, layers:
                 writers.append(SafetensorsWriter(os.path.join(tmp, name), infos, {**about, "task": str(i)}))
             total = sum(info.nbytes for info in infos.values()) * len(writers)
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"zoo {a.name} x{tasks}",
-                      disable=not progress) as bar:
+                      dynamic_ncols=True, disable=None if progress is None else not progress) as bar:
                 for name, base, fts in _generate(a, tasks, layers, seed, spectrum):
                     for writer, tensor in zip(writers, [base, *fts]):
                         writer.write(name, tensor.to(dtype))

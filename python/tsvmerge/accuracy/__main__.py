@@ -1,7 +1,7 @@
 """Accuracy benchmark: a small open_clip-named ViT, pretrained and fine-tuned on real digit tasks
 (scikit-learn's handwritten digits), merged by every method; prints the paper-style table.
 
-Checkpoints are cached, so only the first run trains (a few minutes on 2 CPU cores).
+Checkpoints are cached, so only the first run trains (about a minute per zoo on 2 CPU cores).
 """
 from __future__ import annotations
 
@@ -17,13 +17,18 @@ from ..io import claim, publishing, write_json
 from . import benchmark, plots
 from .data import TASKS, load_splits
 from .model import ViTConfig
-from .table import render
+from .table import render, story, summary_table
 from .train import TrainConfig
 from .checkpoints import load_or_build
 
-FULL = (ViTConfig(), TrainConfig())
-# The reduced run of the slow test: a tinier model, a few epochs, 3 tasks (sets of 2 and 3), a coarse grid.
-QUICK = (ViTConfig(width=32, layers=2, heads=2, embed_dim=32), TrainConfig(pretrain_epochs=6, finetune_epochs=3))
+# The zoos, by name. "paper": in the TSV paper's regime (small, low-rank task vectors: TSV-C keeps >= 98%),
+# the cheapest recipe of benchmarks/accuracy/sweep.py that meets it; "hard": the first zoo, full fine-tuning at
+# lr 1e-3 for 20 epochs (large task vectors, no spectral gap at k); "quick": the slow test's tiny run.
+ZOOS = {
+    "paper": (ViTConfig(width=128), TrainConfig(pretrain_epochs=15, finetune_lr=3e-4, finetune_epochs=5)),
+    "hard": (ViTConfig(), TrainConfig()),
+    "quick": (ViTConfig(width=32, layers=2, heads=2, embed_dim=32), TrainConfig(pretrain_epochs=6, finetune_epochs=3)),
+}
 
 
 def parse(argv):
@@ -33,8 +38,11 @@ def parse(argv):
                    help="where checkpoints are cached (default: %(default)s)")
     p.add_argument("--out", default="tsvmerge-accuracy", help="folder for the table, JSON and plots")
     p.add_argument("--tasks", type=int, default=len(TASKS), help=f"how many tasks, 2..{len(TASKS)} (first 8 form "
-                   "the 8-task set)")
-    p.add_argument("--quick", action="store_true", help="reduced run (tiny model, 3 tasks) for tests")
+                   "the 8-task set; the quick zoo takes 3)")
+    p.add_argument("--zoo", nargs="+", choices=sorted(ZOOS), default=["paper"],
+                   help="which zoos: paper (the paper's regime, default), hard (large task vectors), quick (tiny, "
+                   "3 tasks, for tests); one table column per zoo")
+    p.add_argument("--tune-alpha", action="store_true", help="add rows with alpha chosen on validation")
     p.add_argument("--rebuild", action="store_true", help="retrain even if cached checkpoints exist")
     p.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -59,39 +67,51 @@ def made_here(folder: str) -> bool:
     return ours and isinstance(results, dict) and {"config", "timing"} <= set(results)
 
 
+def _zoo_results(name: str, a, splits, log) -> tuple[dict, object]:
+    cfg, train_cfg = ZOOS[name]
+    tasks = list(TASKS[:3 if name == "quick" else a.tasks])
+    zoo = load_or_build(a.cache, tasks, cfg, train_cfg, splits, rebuild=a.rebuild, workers=a.workers, log=log)
+    log(f"{name} zoo: " + (f"trained in {zoo.built_s:.0f} s" if zoo.built_s else f"cached checkpoints in {zoo.folder}"))
+    quick = name == "quick"
+    results = benchmark.run(zoo, tasks, splits, grid=(0.5, 1.0, 1.5) if quick else benchmark.ALPHA_GRID,
+                            first=2 if quick else 8, tune=a.tune_alpha, log=log)
+    results["config"] = {"model": cfg.to_dict(), "train": train_cfg.to_dict(),
+                         "tasks": {t.name: t.description for t in tasks}}
+    results["timing"] = {"train_s": round(zoo.built_s, 1), "merge_and_eval_s": round(results.pop("seconds"), 1)}
+    return results, zoo
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     target = claim(a.out, folder=True, overwrite=made_here(a.out))      # before minutes of training
     start = time.perf_counter()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    cfg, train_cfg = QUICK if a.quick else FULL
-    tasks = list(TASKS[:3 if a.quick else a.tasks])
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     splits = load_splits()
-    zoo = load_or_build(a.cache, tasks, cfg, train_cfg, splits, rebuild=a.rebuild, workers=a.workers,
-                         log=log)
-    log(("trained in" if zoo.built_s else "loaded cached checkpoints from") +
-        (f" {zoo.built_s:.0f} s" if zoo.built_s else f" {zoo.folder}"))
-    results = benchmark.run(zoo, tasks, splits, grid=(0.5, 1.0, 1.5) if a.quick else benchmark.ALPHA_GRID,
-                            first=2 if a.quick else 8, log=log)
-    results["config"] = {"model": cfg.to_dict(), "train": train_cfg.to_dict(),
-                         "threads": a.threads, "workers": a.workers,
-                         "split_sizes": {k: len(v.digits) for k, v in splits.items()},
-                         "tasks": {t.name: t.description for t in tasks}}
+    zoos, built = {}, {}
+    for name in dict.fromkeys(a.zoo):
+        zoos[name], built[name] = _zoo_results(name, a, splits, log)
+    results = {"zoos": zoos, "config": {"threads": a.threads, "workers": a.workers,
+                                        "split_sizes": {k: len(v.digits) for k, v in splits.items()}}}
     with publishing(target) as (folder,):
-        figures = plots.write_all(results, zoo, folder)
-        results["timing"] = {"train_s": round(zoo.built_s, 1), "merge_and_eval_s": round(results.pop("seconds"), 1),
+        plot_start = time.perf_counter()
+        figures = [f for name in zoos for f in plots.write_all(zoos[name], built[name], folder, prefix=name)]
+        results["timing"] = {"train_s": round(sum(z["timing"]["train_s"] for z in zoos.values()), 1),
+                             "merge_and_eval_s": round(sum(z["timing"]["merge_and_eval_s"] for z in zoos.values()), 1),
+                             "plots_s": round(time.perf_counter() - plot_start, 1),
                              "total_s": round(time.perf_counter() - start, 1)}
         table = render(results)
         write_json(os.path.join(folder, "results.json"), results)
         with open(os.path.join(folder, "table.md"), "w") as f:
             f.write(table)
-    print(table)
+    print("\n" + summary_table(results) + "\n")
+    print("\n".join(story(results)))
     t = results["timing"]
-    print(f"wrote {os.path.join(a.out, 'table.md')}, results.json and {len(figures)} plots; "
-          f"{t['total_s']:.0f} s in all ({t['train_s']:.0f} s training, "
-          f"{t['merge_and_eval_s']:.0f} s merging and scoring)")
+    print(f"files: {os.path.join(a.out, 'table.md')} (per-task tables), results.json and {len(figures)} plots "
+          f"({', '.join(os.path.basename(f) for f in figures[:3])}, ...) in {a.out}")
+    print(f"time: {t['total_s']:.0f} s ({t['train_s']:.0f} s training, {t['merge_and_eval_s']:.0f} s merging and "
+          f"scoring, {t['plots_s']:.0f} s plots)")
     return 0
 
 

@@ -99,3 +99,28 @@ def random_shift(images: torch.Tensor, generator: torch.Generator, max_shift: in
     crops = torch.stack([padded[:, 0, dy:dy + SIDE, dx:dx + SIDE] for dy in range(span) for dx in range(span)], 1)
     pick = torch.randint(span * span, (len(images),), generator=generator)
     return crops[torch.arange(len(images)), pick].unsqueeze(1)
+
+
+def broad_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pretraining's mixture of augmentations (none of them a task's transform): shifts up to 2 pixels, then per
+    image a random contrast, additive noise and a 3x3 cutout, so the features learnt are generic, not tuned to
+    clean upright strokes."""
+    n = len(images)
+    x = random_shift(images, generator, max_shift=2)
+    contrast = 0.5 + 0.5 * torch.rand(n, 1, 1, 1, generator=generator)
+    x = x * contrast + 0.1 * torch.randn(x.shape, generator=generator)
+    rows, cols = (torch.randint(SIDE - 2, (n,), generator=generator) for _ in range(2))
+    grid = torch.arange(SIDE)
+    inside = lambda start: (grid >= start[:, None]) & (grid < start[:, None] + 3)  # noqa: E731
+    cut = inside(rows)[:, :, None] & inside(cols)[:, None, :]
+    return x.masked_fill(cut.unsqueeze(1), 0.0).clamp(0.0, 1.0)
+
+
+def dihedral_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Pretraining's other mixture: ±1 pixel shifts, then each image turned by a random one of the square's 8
+    symmetries (rotations by 90°, mirrorings), so the features hold digits in every orientation."""
+    x = random_shift(images, generator)
+    pick = torch.randint(8, (len(x),), generator=generator)
+    turned = [torch.rot90(x, r, (2, 3)) for r in range(4)]
+    turned += [torch.flip(t, (3,)) for t in turned]
+    return torch.stack(turned)[pick, torch.arange(len(x))]

@@ -7,7 +7,7 @@ from torch import nn
 from .data import Split, Task, task_batch
 from .model import ViTConfig, encoder_from_state
 
-CHUNK = 512
+CHUNK = 128
 
 
 class TaskInputs:
@@ -34,7 +34,7 @@ def accuracies(cfg: ViTConfig, state: dict[str, torch.Tensor], heads: dict[str, 
                inputs: TaskInputs) -> dict[str, float]:
     """Task name -> accuracy of the encoder `state` with the task's head."""
     encoder = encoder_from_state(cfg, state)
-    # chunks that stay in cache run ~2x faster than one large batch
+    # chunks that stay in cache run faster than one large batch (width 128: 128 images 2x faster than 2048)
     features = torch.cat([encoder(chunk) for chunk in inputs.images.split(CHUNK)])
     features = features.split([len(y) for y in inputs.labels])
     return {name: (heads[name](f).argmax(1) == y).float().mean().item()

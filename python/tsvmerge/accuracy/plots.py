@@ -91,16 +91,18 @@ def spectra(pretrained: dict, finetuned: dict[str, dict], names: list[str], task
     plt.close(fig)
 
 
-def write_all(results: dict, zoo, out: str) -> list[str]:
+def write_all(results: dict, zoo, out: str, prefix: str) -> list[str]:
+    """One zoo's figures, named `prefix`_*.png."""
     os.makedirs(out, exist_ok=True)
+    path = lambda name: os.path.join(out, f"{prefix}_{name}.png")  # noqa: E731
     paths = []
     for name, task_set in results["sets"].items():
-        paths.append(os.path.join(out, f"accuracy_{name.replace(' ', '_')}.png"))
+        paths.append(path(f"accuracy_{name.replace(' ', '_')}"))
         accuracy_by_method(task_set, paths[-1])
-    paths.append(os.path.join(out, "sti_per_layer.png"))
+    paths.append(path("sti_per_layer"))
     sti_per_layer(results["interference"], paths[-1])
     names = list(results["sets"].values())[-1]["tasks"]
     counts = sorted({len(s["tasks"]) for s in results["sets"].values()})
-    paths.append(os.path.join(out, "task_matrix_spectra.png"))
+    paths.append(path("task_matrix_spectra"))
     spectra(zoo.pretrained, zoo.finetuned, names, counts, paths[-1])
     return paths

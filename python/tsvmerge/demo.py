@@ -3,7 +3,8 @@
 1. Generate a synthetic zoo (ViT-B-32 shapes, 2 of its 12 blocks, 8 tasks) unless it is cached,
    merge it with TSV-M from disk, and print the report.
 2. Run the accuracy benchmark on its paper zoo (a small ViT fine-tuned on 8 real digit tasks,
-   merged by every method; --tasks 12 for all of them) and print its table, what it shows, where
+   merged by the paper's methods: averaging, task arithmetic, TIES, TSV-M; --tasks 12 for all
+   of them; `python -m tsvmerge.accuracy` adds Iso-C, Iso-CTS, DARE and consensus merges) and print its table, what it shows, where
    its files went and how long it took.
 
 A re-run reuses the zoo and replaces the merge and the results it made itself (recognised by
@@ -94,11 +95,11 @@ def main(argv=None) -> int:
         times.update(synthetic_merge(a.workdir, a.zoo_arch, a.zoo_tasks, a.zoo_layers, a.backend, a.device))
     if not a.skip_accuracy:
         from .accuracy.__main__ import main as accuracy_main
-        print("\n[2/2] accuracy benchmark: a small ViT fine-tuned on real digit tasks, merged by every method",
+        print("\n[2/2] accuracy benchmark: a small ViT fine-tuned on real digit tasks, merged by the paper's methods",
               flush=True)
         begun = time.perf_counter()
         tasks = [] if any(r.startswith("--tasks") for r in rest) else ["--tasks", "8"]  # the 8-task set: quicker
-        code = accuracy_main(["--out", os.path.join(a.workdir, "accuracy"), *tasks, *rest])
+        code = accuracy_main(["--out", os.path.join(a.workdir, "accuracy"), "--paper-methods", *tasks, *rest])
         times["accuracy benchmark"] = time.perf_counter() - begun
     print(f"\ndemo: {time.perf_counter() - start:.0f} s in all (" + ", ".join(f"{k} {v:.1f} s" for k, v in times.items())
           + f"); everything is in {a.workdir}")

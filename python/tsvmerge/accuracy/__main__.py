@@ -43,6 +43,9 @@ def parse(argv):
                    help="which zoos: paper (the paper's regime, default), hard (large task vectors), quick (tiny, "
                    "3 tasks, for tests); one table column per zoo")
     p.add_argument("--tune-alpha", action="store_true", help="add rows with alpha chosen on validation")
+    p.add_argument("--paper-methods", action="store_true",
+                   help="only the paper's table's methods (averaging, task arithmetic, TIES, TSV-M): not Iso-C, "
+                   "Iso-CTS, DARE-TIES and the consensus merges")
     p.add_argument("--rebuild", action="store_true", help="retrain even if cached checkpoints exist")
     p.add_argument("--workers", type=int, default=2, help="training processes, one thread each (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1,
@@ -74,7 +77,8 @@ def _zoo_results(name: str, a, splits, log) -> tuple[dict, object]:
     log(f"{name} zoo: " + (f"trained in {zoo.built_s:.0f} s" if zoo.built_s else f"cached checkpoints in {zoo.folder}"))
     quick = name == "quick"
     results = benchmark.run(zoo, tasks, splits, grid=(0.5, 1.0, 1.5) if quick else benchmark.ALPHA_GRID,
-                            first=2 if quick else 8, tune=a.tune_alpha, log=log)
+                            first=2 if quick else 8, tune=a.tune_alpha,
+                            followers=not a.paper_methods, log=log)
     results["config"] = {"model": cfg.to_dict(), "train": train_cfg.to_dict(),
                          "tasks": {t.name: t.description for t in tasks}}
     results["timing"] = {"train_s": round(zoo.built_s, 1), "merge_and_eval_s": round(results.pop("seconds"), 1)}

@@ -35,12 +35,13 @@ MERGES = [("Weight averaging", "average", {}),
           (f"TIES (density {TIES_DENSITY:g})", "ties", {"density": TIES_DENSITY}),
           ("TSV-M", "tsv", EXACT),
           ("TSV-M, randomized SVD", "tsv", RANDOMIZED),
-          ("TSV-M, randomized SVD, bf16 compute", "tsv", {**RANDOMIZED, "compute_dtype": "bfloat16"}),
-          ("Iso-C", "iso_c", EXACT),
-          ("Iso-CTS", "iso_cts", EXACT),
-          ("DARE-TIES (p 0.9)", "dare_ties", {"density": TIES_DENSITY}),
-          ("Consensus TA", "consensus_ta", {}),
-          ("Consensus TSV-M", "consensus_tsv", EXACT)]
+          ("TSV-M, randomized SVD, bf16 compute", "tsv", {**RANDOMIZED, "compute_dtype": "bfloat16"})]
+# the methods that followed TSV, and DARE and consensus masks (`followers=False` leaves them out: the demo)
+FOLLOWERS = [("Iso-C", "iso_c", EXACT),
+             ("Iso-CTS", "iso_cts", EXACT),
+             ("DARE-TIES (p 0.9)", "dare_ties", {"density": TIES_DENSITY}),
+             ("Consensus TA", "consensus_ta", {}),
+             ("Consensus TSV-M", "consensus_tsv", EXACT)]
 # the merges whose alpha is chosen on validation too (averaging's alpha is 1 by definition; the
 # randomized and bf16 rows measure the SVD route, not the method)
 TUNED = ("Task arithmetic", f"TIES (density {TIES_DENSITY:g})", "TSV-M", "Iso-C", "Iso-CTS", "DARE-TIES (p 0.9)",
@@ -100,13 +101,13 @@ def tuned_row(scorer: Scorer, names: list[str], label: str, method: str, grid, *
     return Row(label, scorer.score(apply(zoo.pretrained, delta, best), names), best, True, curve)
 
 
-def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row], tune: bool, bar) -> dict:
+def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row], tune: bool, merges: list, bar) -> dict:
     """All merge rows for one task set at alpha = 1 (the paper's default; then, with `tune`, alpha chosen on
     validation), plus the exact-vs-randomized and fp32-vs-bf16 agreement."""
     zoo = scorer.zoo
     rows = [Row(r.method, {n: r.test[n] for n in names}) for r in individual]
     at_one, moved = {}, {}
-    for label, method, options in MERGES:
+    for label, method, options in merges:
         bar.set_postfix_str(f"{len(names)} tasks: {label}")
         at_one[label] = _merge(zoo, names, method, **options)
         moved[label] = relative_difference(at_one[label], zoo.pretrained)
@@ -116,7 +117,7 @@ def run_set(scorer: Scorer, names: list[str], grid, individual: list[Row], tune:
     agreement = {"randomized_vs_exact": relative_difference(_delta(zoo, randomized), _delta(zoo, exact)),
                  "bf16_vs_fp32_randomized": relative_difference(_delta(zoo, bf16), _delta(zoo, randomized))}
     if tune:  # alpha chosen on validation: one row per method whose alpha matters
-        for label, method, options in (m for m in MERGES if m[0] in TUNED):
+        for label, method, options in (m for m in merges if m[0] in TUNED):
             bar.set_postfix_str(f"{len(names)} tasks: {label}, alpha on validation")
             rows.append(tuned_row(scorer, names, label, method, grid, **options))
             bar.update()
@@ -166,8 +167,9 @@ def premise(scorer: Scorer, names: list[str], split: str = "val", tsvc: dict | N
 
 
 def run(zoo: Zoo, tasks: list[Task], splits: dict[str, Split], grid=ALPHA_GRID, first: int = 8, tune: bool = False,
-        log=print, progress: bool | None = None) -> dict:
-    """Task sets: the first `first` tasks and all of them (one set when they coincide).
+        followers: bool = True, log=print, progress: bool | None = None) -> dict:
+    """Task sets: the first `first` tasks and all of them (one set when they coincide). `followers`: the
+    FOLLOWERS rows too (the paper's table has MERGES only).
     `progress`: a bar over the merges (None: only on a terminal)."""
     start = time.perf_counter()
     scorer = Scorer(zoo, tasks, splits)
@@ -178,9 +180,11 @@ def run(zoo: Zoo, tasks: list[Task], splits: dict[str, Split], grid=ALPHA_GRID, 
     individual, tsvc = individual_rows(scorer, names, compressed)
     subsets = [names[:first], names] if len(names) > first else [names]
     log(f"merging {' and '.join(str(len(s)) for s in subsets)} tasks with every method")
-    with tqdm(total=len(subsets) * (len(MERGES) + len(TUNED) * tune), desc="merging", unit="merge", dynamic_ncols=True,
+    merges = MERGES + FOLLOWERS if followers else MERGES
+    tuned = sum(m[0] in TUNED for m in merges) * tune
+    with tqdm(total=len(subsets) * (len(merges) + tuned), desc="merging", unit="merge", dynamic_ncols=True,
               disable=None if progress is None else not progress) as bar:
-        sets = {f"{len(s)} tasks": run_set(scorer, s, grid, individual, tune, bar) for s in subsets}
+        sets = {f"{len(s)} tasks": run_set(scorer, s, grid, individual, tune, merges, bar) for s in subsets}
     log("measuring singular task interference")
     sti = interference(zoo.pretrained, [zoo.finetuned[n] for n in names], preset="clip", progress=False, **EXACT)
     return {"sets": sets, "premise": facts, "finetuned_val": scorer.finetuned["val"], "tsvc": tsvc,

@@ -43,6 +43,14 @@ def random_zoo(seed: int, T: int, shapes: dict, dtype=torch.float32, scale=0.1):
     return base, tasks
 
 
+def cli_zoo(folder, seed: int, tasks: int = 3) -> tuple[str, list[str]]:
+    """A one-block zoo written by `tsvmerge zoo` into `folder`: (base path, task paths)."""
+    from tsvmerge.cli import main
+    assert main(["zoo", str(folder), "--tasks", str(tasks), "--layers", "1", "--seed", str(seed % 1000)]) == 0
+    names = sorted(f for f in os.listdir(folder) if f.startswith("task_"))
+    return os.path.join(folder, "base.safetensors"), [os.path.join(folder, f) for f in names]
+
+
 ODD_SHAPES = {
     "blocks.0.attn.weight": (37, 23),
     "blocks.0.mlp.weight": (64, 48),

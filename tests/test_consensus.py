@@ -12,7 +12,6 @@ vector) where the paper has |tau_t|; and its consensus mask is built from masks 
 tsvmerge follows the paper.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 import tsvmerge
 from tsvmerge.cli import main
 
-from conftest import ODD_SHAPES, random_zoo
+from conftest import ODD_SHAPES, cli_zoo, random_zoo
 from paper_tsv import paper_tsv_merge
 from test_merge_math import rel, truncation_gap
 
@@ -148,10 +147,7 @@ def test_bad_consensus_options_are_one_clear_error(seed):
 
 
 def test_cli_consensus_ta_end_to_end(seed, tmp_path, capsys):
-    zoo = tmp_path / "zoo"
-    assert main(["zoo", str(zoo), "--tasks", "3", "--layers", "1", "--seed", str(seed % 1000)]) == 0
-    base = str(zoo / "base.safetensors")
-    tasks = sorted(str(zoo / f) for f in os.listdir(zoo) if f.startswith("task_"))
+    base, tasks = cli_zoo(tmp_path / "zoo", seed)
     out = tmp_path / "merged"
     assert main(["merge", base, *tasks, "-o", str(out), "--method", "consensus_ta", "--tall-lambda", "0.5",
                  "--consensus-min", "2", "--alpha", "0.7", "--no-progress"]) == 0

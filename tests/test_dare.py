@@ -16,7 +16,7 @@ import tsvmerge
 from tsvmerge.cli import main
 from tsvmerge.io import save_file
 
-from conftest import ODD_SHAPES, random_zoo
+from conftest import ODD_SHAPES, cli_zoo, random_zoo
 from paper_tsv import paper_tsv_merge
 from test_merge_math import rel, truncation_gap
 
@@ -186,10 +186,7 @@ def test_bad_drop_rates_are_one_clear_error(seed, tmp_path, capsys):
 def test_cli_dare_ties_end_to_end(seed, tmp_path, capsys):
     """`tsvmerge merge --method dare_ties` on a tiny zoo written by `tsvmerge zoo`: the same
     bytes as the Python API, the options in the report."""
-    zoo = tmp_path / "zoo"
-    assert main(["zoo", str(zoo), "--tasks", "3", "--layers", "1", "--seed", str(seed % 1000)]) == 0
-    base = str(zoo / "base.safetensors")
-    tasks = sorted(str(zoo / f) for f in os.listdir(zoo) if f.startswith("task_"))
+    base, tasks = cli_zoo(tmp_path / "zoo", seed)
     out = tmp_path / "merged"
     assert main(["merge", base, *tasks, "-o", str(out), "--method", "dare_ties", "--dare", "0.8", "--density", "0.5",
                  "--seed", "3", "--backend", "torch", "--no-progress"]) == 0

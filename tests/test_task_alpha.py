@@ -11,7 +11,7 @@ import tsvmerge
 from tsvmerge.cli import main
 from tsvmerge.io import open_checkpoint, save_file
 
-from conftest import ODD_SHAPES, random_zoo
+from conftest import ODD_SHAPES, cli_zoo, random_zoo
 from paper_tsv import paper_tsv_merge
 from test_dare import ties_by_hand
 from test_merge_math import rel, truncation_gap
@@ -118,10 +118,7 @@ def test_wrong_count_is_one_clear_error(seed, tmp_path, capsys):
 
 
 def test_cli_task_alpha_end_to_end(seed, tmp_path, capsys):
-    zoo = tmp_path / "zoo"
-    assert main(["zoo", str(zoo), "--tasks", "3", "--layers", "1", "--seed", str(seed % 1000)]) == 0
-    base = str(zoo / "base.safetensors")
-    tasks = sorted(str(zoo / f) for f in os.listdir(zoo) if f.startswith("task_"))
+    base, tasks = cli_zoo(tmp_path / "zoo", seed)
     out = tmp_path / "merged"
     assert main(["merge", base, *tasks, "-o", str(out), "--task-alpha", "0.3,0.5,1.2", "--alpha", "0.8",
                  "--backend", "torch", "--no-progress"]) == 0

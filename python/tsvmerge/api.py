@@ -141,6 +141,17 @@ def alpha_folder(alpha: float) -> str:
     return f"alpha-{alpha!r}"
 
 
+def _report_file(reports: dict, several: bool) -> dict:
+    """What `report=FILE` holds: the report, or with several alphas {"alpha-A": report}."""
+    return {alpha_folder(a): r for a, r in reports.items()} if several else next(iter(reports.values()))
+
+
+def _output_infos(infos: dict, out_dtype) -> dict:
+    """The output's tensor infos: the input's, with floating tensors in `out_dtype` when given."""
+    return {n: TensorInfo(i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
+            for n, i in infos.items()}
+
+
 def alpha_list(alphas) -> tuple[float, ...]:
     """Several alphas, each finite, none twice."""
     if isinstance(alphas, (str, bytes)) or not hasattr(alphas, "__iter__"):
@@ -257,10 +268,9 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         entries = job.run([(a, merged[a].__setitem__) for a in alphas], out_dtype=out_dtype, progress=progress)
         if report_t:
             reports = {a: job.report(entries, a) for a in alphas}
-            save_json(report_t, {alpha_folder(a): r for a, r in reports.items()} if several else reports[alphas[0]])
+            save_json(report_t, _report_file(reports, several))
         return merged if several else merged[alphas[0]]
-    infos = {n: TensorInfo(p.info.shape, out_dtype if (out_dtype and p.info.dtype.is_floating_point) else p.info.dtype)
-             for n, p in plan.tensors.items()}
+    infos = _output_infos({n: p.info for n, p in plan.tensors.items()}, out_dtype)
     if adapter_out:
         plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
         with adapter_writer(out_t, lora_layouts(plan.tasks), _path_of(base), also=(report_t,)) as writer:
@@ -280,7 +290,7 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
         for a, w in zip(alphas, writers):
             write_json(os.path.join(w.folder, REPORT_NAME), reports[a])
         if report_t:
-            write_json(writers[0].also[0], {folders[a]: r for a, r in reports.items()} if several else reports[alphas[0]])
+            write_json(writers[0].also[0], _report_file(reports, several))
     return reports if several else reports[alphas[0]]
 
 
@@ -327,9 +337,7 @@ def apply(base, update: Update, alpha: float = 1.0, *, out=None, out_dtype=None,
     shard_size = checked("shard_size", positive_int, shard_size)
     out_t = claim(out, folder=True, overwrite=overwrite, inputs=input_paths([base])) if out is not None else None
     base_ckpt = open_checkpoint(base, trust_pickle)
-    infos = _matching(base_ckpt, update)
-    infos = {n: TensorInfo(i.shape, out_dtype if (out_dtype and i.dtype.is_floating_point) else i.dtype)
-             for n, i in infos.items()}
+    infos = _output_infos(_matching(base_ckpt, update), out_dtype)
 
     def run(write):
         for name, delta in update.tensors.items():

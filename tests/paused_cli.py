@@ -5,6 +5,10 @@
 After the first tensor is written the run creates the file PAUSED and waits until the file GO
 exists (GO '-': forever, until signalled). --slow-cleanup makes removing a temporary output
 take a second, after creating PAUSED.cleanup: time to press Ctrl-C again.
+
+PAUSED holds the PID of the process that paused. Under torchrun with several processes each
+rank pauses on its own file, PAUSED.rankR (R: its RANK), so that a test can find and signal
+one rank.
 """
 import os
 import sys
@@ -20,7 +24,9 @@ def pause_after_first_write(paused: str, go: str):
     def paused_write(self, name, tensor):
         write(self, name, tensor)
         if not os.path.exists(paused):
-            open(paused, "w").close()
+            with open(paused + ".part", "w") as f:     # whole when it appears: a test reads the PID
+                f.write(str(os.getpid()))
+            os.replace(paused + ".part", paused)
             while not (go != "-" and os.path.exists(go)):
                 time.sleep(0.02)
 
@@ -40,6 +46,8 @@ def slow_cleanup(flag: str):
 
 if __name__ == "__main__":
     paused, go, *args = sys.argv[1:]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        paused += f".rank{os.environ['RANK']}"
     pause_after_first_write(paused, go)
     if args[:1] == ["--slow-cleanup"]:
         slow_cleanup(paused + ".cleanup")

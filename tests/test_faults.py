@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,9 +193,10 @@ def test_second_ctrl_c_during_cleanup(zoo, tmp_path):
 
 
 def test_two_runs_one_output(zoo, tmp_path, capsys):
-    """A run paused mid-write while another publishes the same output: the second wins, the
-    first exits 2 and says why, and what the second wrote stays. Without --overwrite the first
-    finds the name taken; with it, finds there something other than what it saw at its start."""
+    """While a run writes an output, a second tsvmerge run on it is refused at its start (exit
+    2, nothing touched). Another program that writes the output meanwhile wins: the first run
+    exits 2 and says why, and what the other wrote stays. Without --overwrite the run finds the
+    name taken; with it, finds there something other than what it saw at its start."""
     runs = {}
     for overwrite in (False, True):
         out = tmp_path / str(overwrite) / "out"
@@ -204,14 +206,20 @@ def test_two_runs_one_output(zoo, tmp_path, capsys):
         runs[overwrite] = (out, go, *start_paused(zoo, str(out.parent), *["--overwrite"] * overwrite, go=go))
     for overwrite, (out, go, proc, paused) in runs.items():
         wait_for(paused, proc)
-        got, _ = cli(merge_args(zoo, out, "--alpha", "0.25", *["--overwrite"] * overwrite), capsys)
-        assert got == 0
-        winner = {f: (out / f).read_bytes() for f in os.listdir(out)}
+        before = sorted(os.listdir(out.parent))
+        got, lines = cli(merge_args(zoo, out, "--alpha", "0.25", *["--overwrite"] * overwrite), capsys)
+        assert got == 2 and lines == [f"tsvmerge merge: error: {out}: another run is writing it now (process "
+                                      f"{proc.pid}): wait for it to finish, or choose another path"], lines
+        assert sorted(os.listdir(out.parent)) == before
+        if overwrite:
+            shutil.rmtree(out)
+        os.mkdir(out)
+        (out / "theirs.txt").write_text("another program's output")
         open(go, "w").close()
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, err
         why = "changed while this run was writing" if overwrite else "appeared while this run was writing"
         assert err.strip().splitlines() == [f"tsvmerge merge: error: {out}: {why} (another tsvmerge run?): it was "
                                             "left as it is and nothing was written"], err
-        assert {f: (out / f).read_bytes() for f in os.listdir(out)} == winner
+        assert os.listdir(out) == ["theirs.txt"]
         assert os.listdir(out.parent) == ["out"]

@@ -298,7 +298,8 @@ def test_base_saved_without_the_wrappers_prefix(llama_family, tmp_path):
     rep = tsvmerge.merge(str(path), adapters[:2], out=str(tmp_path / "out"))
     got = rm.load_merged(tmp_path / "out")
     want = tsvmerge.merge(base, adapters[:2])
-    assert set(got) == set(inner) and max(float((got[k] - want["model." + k]).abs().max()) for k in got) == 0
+    # the two bases order their tensors differently, so their batches differ: equal up to fp32 rounding
+    assert set(got) == set(inner) and max(float((got[k] - want["model." + k]).abs().max()) for k in got) <= 1e-6
     assert "names read under the base's: prefix 'model.' taken as ''" in rep["inputs"][1]["notes"]
 
 

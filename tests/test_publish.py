@@ -179,23 +179,39 @@ def dead_pid() -> int:
 
 
 def test_debris_of_killed_runs_and_only_that_is_removed(tmp_path):
-    dead, alive = dead_pid(), os.getppid()
-    debris = [f".out.tmp-{dead}-0123abcd", f".out.tmp-{dead}-89abcdef"]
-    kept = [f".out.tmp-{alive}-0123abcd",      # a live process's
-            f".out.old-{dead}-0123abcd",       # may hold the replaced output, not checked yet
-            f".other.tmp-{dead}-0123abcd",     # another target's
-            f".out.tmp-{dead}-0123abcX",       # not our name pattern
-            f".out.tmp-0-0123abcd", "out.tmp-1-0123abcd", "keep"]
+    dead, here = dead_pid(), publish.host_tag()
+    debris = [f".out.tmp-{dead}-{here}-0123abcd", f".out.tmp-{dead}-{here}-89abcdef"]
+    kept = [f".out.old-{dead}-{here}-0123abcd",       # may hold the replaced output, not checked yet
+            f".other.tmp-{dead}-{here}-0123abcd",     # another target's
+            f".out.tmp-{dead}-{here}-0123abcX",       # not our name pattern
+            f".out.tmp-{dead}-0123abcd",              # nor this (no host)
+            "out.tmp-1-{here}-0123abcd", "keep"]
     os.mkdir(tmp_path / debris[0])
     write(tmp_path / debris[0] / "model.safetensors", "half")
     for name in debris[1:] + kept:
         write(tmp_path / name, "x")
-    an_input = tmp_path / f".out.tmp-{dead}-feedbeef"   # the name is ours, but it is an input of the run
+    an_input = tmp_path / f".out.tmp-{dead}-{here}-feedbeef"   # the name is ours, but it is an input of the run
     write(an_input, "x")
     with pytest.warns(TsvmergeWarning, match="left by a run that was killed") as warned:
         claim(tmp_path / "out", folder=True, inputs=publish.input_paths([str(an_input)]))
     assert len(warned) == 2
     assert listing(tmp_path) == sorted(kept + [an_input.name])
+
+
+@pytest.mark.parametrize("host", ["here", "elsewhere"])
+def test_a_target_another_run_writes_now_is_refused(tmp_path, host):
+    """A temporary of a live process here, or of any process on another host (a shared file
+    system: its PID cannot be checked), is a run writing that output: the target is refused,
+    with or without overwrite, and the temporary kept."""
+    alive, here = os.getppid(), publish.host_tag()
+    name = f".out.tmp-{alive}-{here}-0123abcd" if host == "here" else f".out.tmp-{dead_pid()}-node7.x-0123abcd"
+    os.mkdir(tmp_path / name)
+    for overwrite in (False, True):
+        with pytest.raises(OutputError, match="another run is writing it now") as e:
+            claim(tmp_path / "out", folder=True, overwrite=overwrite)
+        assert ("on host node7.x" in str(e.value) and name in str(e.value)) == (host == "elsewhere")
+    assert listing(tmp_path) == [name]
+    claim(tmp_path / "other", folder=True)          # other targets beside it are free
 
 
 def test_inputs_are_refused_however_named(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .backends import Backend, backend_class
+from .distributed import World, join
 from .engine import run_merge
 from .io import (Checkpoint, CompressedTask, InputError, Output, OutputError, TensorInfo, claim, input_paths,
                  model_writers, open_checkpoint, save_json, write_json)
@@ -24,7 +25,8 @@ from .methods.steps import check_task_alpha
 from .primitives import lowrank_apply
 from .warn import warn
 from .options import checked, finite_float, positive_int, resolve, split
-from .plan import CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, EnergyBudget, MergePlan, merge_rank, plan_merge
+from .plan import (CLIP_PRESET, DEFAULT_BATCH_BYTES, SPECTRAL, DENSE, COPY, EnergyBudget, MergePlan, merge_rank,
+                   plan_merge, share_of, split_by_cost, tensor_cost)
 
 PRESETS = {"clip": CLIP_PRESET}
 OUTPUT_FORMATS = ("model", "peft")
@@ -167,7 +169,8 @@ def alpha_list(alphas) -> tuple[float, ...]:
 
 @dataclass
 class _Merge:
-    """A merge planned from headers, before any compute: what `merge` and `update` share."""
+    """A merge planned from headers, before any compute: what `merge` and `update` share. In a
+    distributed run (`world`), `shares` holds each rank's batches (`plan.split_by_cost`)."""
     plan: MergePlan
     method: Method
     backend: Backend
@@ -175,15 +178,54 @@ class _Merge:
     meta: dict              # the report's and the metadata's description of the merge
     warned: list
     start: float
+    world: World
+    shares: list | None = None
+    ranks: list | None = None       # each rank's part of the report, once gathered
 
     def run(self, outputs: list, *, updates: bool = False, out_dtype=None, progress=None) -> dict:
-        """`run_merge` over `outputs` ((alpha, write) pairs); the report entries."""
-        return run_merge(self.plan, self.method, self.backend, outputs=outputs, options=self.options,
-                         out_dtype=out_dtype, progress=progress, updates=updates)
+        """`run_merge` of this rank's share over `outputs` ((alpha, write) pairs); the report
+        entries of every rank's tensors, in the base's order."""
+        plan = share_of(self.plan, self.shares[self.world.rank]) if self.shares else self.plan
+        entries = run_merge(plan, self.method, self.backend, outputs=outputs, options=self.options,
+                            out_dtype=out_dtype, progress=progress, updates=updates, world=self.world)
+        if self.world.size == 1:
+            return entries
+        parts = self.world.gather((entries, self.world.report()))
+        merged = {name: e for part, _ in parts for name, e in part.items()}
+        self.ranks = [{**rank, "tensors": len(part), "share": round(_cost_share(self, i), 4)}
+                      for i, (part, rank) in enumerate(parts)]
+        return {name: merged[name] for name in self.plan.tensors}
+
+    def share_names(self) -> list | None:
+        """Each rank's tensor names, in the base's order (None in a single process)."""
+        if not self.shares:
+            return None
+        order = {n: i for i, n in enumerate(self.plan.tensors)}
+        return [sorted((n for b in share for n in b.names), key=order.__getitem__) for share in self.shares]
 
     def report(self, entries: dict, alpha: float | None, **more) -> dict:
+        ranks = {"ranks": self.ranks} if self.ranks else {}
         return {**self.meta, "alpha": alpha, **more, "warnings": self.warned, "backend": self.backend.describe(),
-                "tensors": entries, "summary": _summary(entries, time.perf_counter() - self.start)}
+                "tensors": entries, "summary": _summary(entries, time.perf_counter() - self.start), **ranks}
+
+
+def _cost_share(job: _Merge, rank: int) -> float:
+    """Rank `rank`'s share of the merge's estimated cost (`plan.tensor_cost`)."""
+    T = len(job.plan.tasks)
+    cost = {n: tensor_cost(tp, T) for n, tp in job.plan.tensors.items()}
+    return sum(cost[n] for b in job.shares[rank] for n in b.names) / max(sum(cost.values()), 1e-30)
+
+
+def _same_inputs(world: World, meta: dict) -> None:
+    """Every rank reads the same inputs (a file system they share): their fingerprints are
+    rank 0's."""
+    inputs = meta["inputs"]
+    for rank, prints in enumerate(world.gather([i["fingerprint"] for i in inputs])):
+        for entry, fp in zip(inputs, prints):
+            if fp != entry["fingerprint"]:
+                raise InputError(entry["source"], None, f"rank {rank} reads other contents here than rank {world.rank} "
+                                 "(their fingerprints differ): every rank must read the same inputs, from a file "
+                                 "system they share")
 
 
 def _methods(method: str, backend: str, device, compute_dtype, seed, options: dict):
@@ -195,7 +237,7 @@ def _methods(method: str, backend: str, device, compute_dtype, seed, options: di
 
 
 def _planned(base, finetuned: list, m, method_options: dict, be, *, exclude, preset, batch_bytes: int,
-             trust_pickle: bool, start: float) -> _Merge:
+             trust_pickle: bool, start: float, world: World | None = None) -> _Merge:
     base_ckpt, tasks = open_inputs(base, finetuned, trust_pickle)
     check_task_alpha(method_options["task_alpha"], len(tasks))
     excluded = exclusions(exclude, preset)
@@ -211,14 +253,17 @@ def _planned(base, finetuned: list, m, method_options: dict, be, *, exclude, pre
         method_options["energy"] = k.share      # the plan loads every triplet; the method picks the ranks
     warned = input_warnings(base_ckpt, tasks, single="only one fine-tuned model: the merge adds its task vector "
                            "(times alpha) to the base, there is nothing to merge it with")
-    return _Merge(plan, m, be, method_options, meta, warned, start)
+    world = world or World()
+    shares = split_by_cost(plan, plan.batches, world.size) if world.size > 1 else None
+    return _Merge(plan, m, be, method_options, meta, warned, start, world, shares)
 
 
 def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(), preset: str | None = None,
           backend: str = "auto", device: str = "cpu", compute_dtype="float32", out_dtype=None, out=None,
           shard_size: int = DEFAULT_SHARD_SIZE, report: str | None = None, seed: int = 0,
           batch_bytes: int = DEFAULT_BATCH_BYTES, overwrite: bool = False, progress: bool | None = None,
-          trust_pickle: bool = False, output_format: str = "model", alphas=None, **options):
+          trust_pickle: bool = False, output_format: str = "model", alphas=None, distributed: bool = False,
+          **options):
     """Merge fine-tuned checkpoints into the base.
 
     `base` is a state dict or a path (file or folder); `finetuned` a sequence of the same
@@ -240,58 +285,75 @@ def merge(base, finetuned, *, method: str = "tsv", alpha: float = 1.0, exclude=(
     {alpha: merged dict}, or with `out` writes a model folder `out/alpha-A/` for each (all
     published in one rename, or none) and returns {alpha: report}; `report=FILE` then holds
     {"alpha-A": report}.
+
+    `distributed=True` in each process torchrun starts: one merge across them all, written to
+    `out` (`tsvmerge.distributed`); each process returns the report, which gives every rank's
+    share, wall time and peak memory (`ranks`). Without torchrun's environment it is one process.
     """
     start = time.perf_counter()
+    world, device = join(device) if distributed else (World(), device)
     finetuned = task_list(finetuned)
     alpha, options = _per_task_alpha(alpha, options)
-    several = alphas is not None
-    if several and alpha != 1.0:
-        raise ValueError("give alpha or alphas, not both")
-    alphas = alpha_list(alphas) if several else (checked("alpha", finite_float, alpha),)
-    m, method_options, be = _methods(method, backend, device, compute_dtype, seed, options)
-    adapter_out = _adapter_output(output_format, out, m)
-    if adapter_out and several:
-        raise ValueError("output format peft writes one adapter: give one alpha")
-    shard_size = checked("shard_size", positive_int, shard_size)
-    batch_bytes = checked("batch_bytes", positive_int, batch_bytes)
-    out_dtype = parse_dtype(out_dtype)
-    inputs = input_paths([base, *finetuned])
-    out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
-    report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
-    claim_distinct(out_t, report_t)
-    job = _planned(base, finetuned, m, method_options, be, exclude=exclude, preset=preset, batch_bytes=batch_bytes,
-                   trust_pickle=trust_pickle, start=start)
+
+    def planned():
+        """Every argument checked and the merge planned, on every rank; rank 0 claims the outputs."""
+        several = alphas is not None
+        if several and alpha != 1.0:
+            raise ValueError("give alpha or alphas, not both")
+        alpha_values = alpha_list(alphas) if several else (checked("alpha", finite_float, alpha),)
+        m, method_options, be = _methods(method, backend, device, compute_dtype, seed, options)
+        adapter_out = _adapter_output(output_format, out, m)
+        if adapter_out and several:
+            raise ValueError("output format peft writes one adapter: give one alpha")
+        if world.size > 1 and (out is None or adapter_out):
+            raise ValueError("a merge across processes writes a model folder: give out (-o), and output format model")
+        sizes = checked("shard_size", positive_int, shard_size), checked("batch_bytes", positive_int, batch_bytes)
+        inputs = input_paths([base, *finetuned])
+        out_t = report_t = None
+        if world.main:
+            out_t = claim(out, folder=True, overwrite=overwrite, inputs=inputs) if out is not None else None
+            report_t = claim(report, folder=False, overwrite=overwrite, inputs=inputs) if report else None
+            claim_distinct(out_t, report_t)
+        job = _planned(base, finetuned, m, method_options, be, exclude=exclude, preset=preset, batch_bytes=sizes[1],
+                       trust_pickle=trust_pickle, start=start, world=world)
+        return job, alpha_values, several, adapter_out, sizes[0], parse_dtype(out_dtype), out_t, report_t
+
+    job, alpha_values, several, adapter_out, shard_bytes, out_dtype_, out_t, report_t = world.agree(planned)
+    world.agree(lambda: _same_inputs(world, job.meta))
     plan = job.plan
 
-    if out_t is None:
-        merged = {a: {} for a in alphas}
-        entries = job.run([(a, merged[a].__setitem__) for a in alphas], out_dtype=out_dtype, progress=progress)
+    if out is None:
+        merged = {a: {} for a in alpha_values}
+        entries = job.run([(a, merged[a].__setitem__) for a in alpha_values], out_dtype=out_dtype_, progress=progress)
         if report_t:
-            reports = {a: job.report(entries, a) for a in alphas}
+            reports = {a: job.report(entries, a) for a in alpha_values}
             save_json(report_t, _report_file(reports, several))
-        return merged if several else merged[alphas[0]]
-    infos = _output_infos({n: p.info for n, p in plan.tensors.items()}, out_dtype)
+        return merged if several else merged[alpha_values[0]]
+    infos = _output_infos({n: p.info for n, p in plan.tensors.items()}, out_dtype_)
     if adapter_out:
         plan.batches.sort(key=lambda b: b.path == SPECTRAL)  # what must not change is checked first
         with adapter_writer(out_t, lora_layouts(plan.tasks), _path_of(base), also=(report_t,)) as writer:
-            entries = job.run([(alphas[0], lambda name, u: writer.write(name, u, infos[name].dtype))], updates=True,
-                              progress=progress)
-            rep = job.report(entries, alphas[0], adapter=writer.summary())
+            entries = job.run([(alpha_values[0], lambda name, u: writer.write(name, u, infos[name].dtype))],
+                              updates=True, progress=progress)
+            rep = job.report(entries, alpha_values[0], adapter=writer.summary())
             write_json(os.path.join(writer.folder, REPORT_NAME), rep)
             if report_t:
                 write_json(writer.also[0], rep)
         return rep
-    folders = {a: alpha_folder(a) if several else "" for a in alphas}
-    metadata = {folders[a]: {"format": "pt", "tsvmerge": json.dumps({**job.meta, "alpha": a})} for a in alphas}
-    with model_writers(out_t, infos, metadata, shard_size=shard_size, also=(report_t,)) as writers:
-        carried = [carry_model_files(base, w.folder) for w in writers][0]     # the same files into each
-        entries = job.run([(a, w.write) for a, w in zip(alphas, writers)], out_dtype=out_dtype, progress=progress)
-        reports = {a: job.report(entries, a, carried=carried) for a in alphas}
-        for a, w in zip(alphas, writers):
-            write_json(os.path.join(w.folder, REPORT_NAME), reports[a])
-        if report_t:
-            write_json(writers[0].also[0], _report_file(reports, several))
-    return reports if several else reports[alphas[0]]
+    folders = {a: alpha_folder(a) if several else "" for a in alpha_values}
+    metadata = {folders[a]: {"format": "pt", "tsvmerge": json.dumps({**job.meta, "alpha": a})} for a in alpha_values}
+    with model_writers(out_t, infos, metadata, shard_size=shard_bytes, also=(report_t,), world=world,
+                       shares=job.share_names()) as writers:
+        carried = [carry_model_files(base, w.folder) for w in writers][0] if world.main else None  # into each
+        entries = job.run([(a, w.write) for a, w in zip(alpha_values, writers)], out_dtype=out_dtype_,
+                          progress=progress)
+        reports = {a: job.report(entries, a, carried=carried) for a in alpha_values}
+        if world.main:
+            for a, w in zip(alpha_values, writers):
+                write_json(os.path.join(w.folder, REPORT_NAME), reports[a])
+            if report_t:
+                write_json(writers[0].also[0], _report_file(reports, several))
+    return reports if several else reports[alpha_values[0]]
 
 
 @dataclass

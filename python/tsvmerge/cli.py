@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import traceback
 import warnings
@@ -14,6 +15,7 @@ import warnings
 from . import __version__
 from .api import alpha_folder, alpha_list
 from .backends import BACKENDS, importable_options
+from .distributed import PeerLost, Stopped, env_rank, launched
 from .methods import METHODS
 from .methods.steps import STEP_OPTIONS
 from .io import InputError, OutputError
@@ -136,7 +138,7 @@ def _common(p, *, task_list=True):
 def _engine_kwargs(a) -> dict:
     kw = {"exclude": a.exclude, "preset": a.preset, "backend": a.backend, "device": a.device,
           "compute_dtype": a.dtype, "seed": a.seed, "progress": False if a.no_progress else True,
-          "trust_pickle": a.trust_pickle,
+          "trust_pickle": a.trust_pickle, "distributed": launched(),
           **given_flags(a, BACKEND_FLAGS[0])}
     if a.batch_memory:
         kw["batch_bytes"] = a.batch_memory
@@ -265,6 +267,8 @@ def _cmd_merge(a) -> int:
     alpha = {"alpha": a.alpha[0]} if len(a.alpha) == 1 else {"alphas": a.alpha}
     rep = merge(a.base, a.finetuned, method=a.method, out=a.out, out_dtype=a.out_dtype, shard_size=a.shard_size,
                 report=a.report, overwrite=a.overwrite, output_format=a.output_format, **alpha, **kw)
+    if env_rank() != 0:         # rank 0 speaks for a distributed run
+        return EXIT_OK
     if len(a.alpha) == 1:
         _print_merge(rep, a.out)
         _print_adapter(rep.get("adapter"))
@@ -276,6 +280,8 @@ def _cmd_merge(a) -> int:
 def _cmd_compress(a) -> int:
     from . import compress
     rep = compress(a.base, a.finetuned, rank=a.rank, out=a.out, overwrite=a.overwrite, **_engine_kwargs(a))
+    if env_rank() != 0:
+        return EXIT_OK
     s = rep["summary"]
     print(f"compressed {a.finetuned} -> {rep['out']}: {s['factored']} tensors factored, "
           f"{s['stored_numbers']:,} of {s['dense_numbers']:,} numbers ({100 * s['ratio']:.1f}%)")
@@ -304,6 +310,8 @@ def _cmd_interference(a) -> int:
     from . import interference
     kw = {**_engine_kwargs(a), **given_flags(a, TSV_OWN)}
     rep = interference(a.base, a.finetuned, report=a.report, plot=a.plot, overwrite=a.overwrite, **kw)
+    if env_rank() != 0:
+        return EXIT_OK
     rows = sorted(rep["tensors"].items(), key=lambda kv: -kv[1]["sti"])
     print(f"{'tensor':60s} {'k':>5s} {'STI':>12s} {'after':>10s}")
     for name, e in rows[: a.top]:
@@ -371,18 +379,35 @@ def main(argv=None) -> int:
     return _run(f"tsvmerge {args.command}", lambda: COMMANDS[args.command](args), args.debug)
 
 
+def exit_code(e: BaseException) -> int:
+    """The exit code of a command that raised `e`."""
+    if isinstance(e, KeyboardInterrupt):
+        return 128 + getattr(e, "signum", 2)
+    if isinstance(e, Stopped):
+        return e.exit_code
+    if isinstance(e, (InputError, OutputError, ValueError, TypeError)) or (isinstance(e, OSError) and e.filename):
+        return EXIT_INPUT
+    return EXIT_FAILED
+
+
 def _run(prog: str, command, debug: bool) -> int:
     """Run a command: warnings as one line each, stopping signals as Ctrl-C, every error as
-    one line (the traceback only with --debug) and its exit code."""
-    def error(message: str, code: int) -> int:
+    one line (the traceback only with --debug) and its exit code. Under torchrun, warnings
+    come from rank 0 only, an error from the rank that found it, and the other ranks stop
+    with its exit code, silently (`distributed.Stopped`)."""
+    ignore_after = ()
+    if launched():      # decided: the SIGTERM torchrun sends the ranks still running must not change the exit code
+        prog, ignore_after = f"{prog} [rank {env_rank()}]", (signal.SIGTERM,)
+
+    def error(message: str, e: BaseException) -> int:
         if debug:
             traceback.print_exc()
         one_line = re.sub(r"\s*\n\s*", " ", message.strip())
         print(f"{prog}: {one_line}", file=sys.stderr)
-        return code
+        return exit_code(e)
 
-    with warnings.catch_warnings(), handled(prog):
-        warnings.simplefilter("always", TsvmergeWarning)
+    with warnings.catch_warnings(), handled(prog, ignore_after):
+        warnings.simplefilter("always" if env_rank() == 0 else "ignore", TsvmergeWarning)
         show = warnings.showwarning
         warnings.showwarning = lambda message, category, *rest: (
             print(f"{prog}: warning: {message}", file=sys.stderr) if category is TsvmergeWarning
@@ -393,16 +418,17 @@ def _run(prog: str, command, debug: bool) -> int:
             name = e.args[0] if e.args else "SIGINT"
             done = " after the output was published: it is complete" if getattr(e, "published", False) \
                 else "; nothing was written"
-            return error(f"interrupted ({name}){done}", 128 + getattr(e, "signum", 2))
-        except (InputError, OutputError, ValueError, TypeError) as e:
-            return error(f"error: {e}", EXIT_INPUT)
+            return error(f"interrupted ({name}){done}", e)
+        except Stopped as e:
+            return e.exit_code
+        except (InputError, OutputError, ValueError, TypeError, PeerLost) as e:
+            return error(f"error: {e}", e)
         except OSError as e:
             if e.filename is None:
-                return error(f"internal error: {e} (please report this; --debug shows where)", EXIT_FAILED)
-            return error(f"error: {e.filename}: {e.strerror or e}", EXIT_INPUT)
+                return error(f"internal error: {e} (please report this; --debug shows where)", e)
+            return error(f"error: {e.filename}: {e.strerror or e}", e)
         except Exception as e:  # noqa: BLE001 - the last line of defence: one line, exit 1
-            return error(f"internal error: {type(e).__name__}: {e} (please report this; --debug shows where)",
-                         EXIT_FAILED)
+            return error(f"internal error: {type(e).__name__}: {e} (please report this; --debug shows where)", e)
 
 
 if __name__ == "__main__":

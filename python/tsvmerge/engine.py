@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
-
 from .backends import Backend, TaskSVD
+from .distributed import World
 from .heap import reuse_freed_memory
 from .io import InputError
 from .methods import LowRank, Method
@@ -130,9 +129,11 @@ def _task_bytes(plan: MergePlan, batch: Batch) -> int:
     return len(plan.tasks) * 4 * plan.tensors[batch.names[0]].info.numel * len(batch.names)
 
 
-def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, progress=None, factors: bool = True):
+def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, progress=None, factors: bool = True,
+                 world: World | None = None):
     """Yield each batch loaded (`load_batch`): read ahead in a background thread when the inputs
-    are files, in turn when they are in memory.
+    are files, in turn when they are in memory. The progress bar counts the whole job's
+    batches (every rank's, in a distributed run: `world`).
 
     In memory, loading is CPU work (the copy that forms tau), and a reader thread competing
     with the compute threads costs more than it hides on a machine with few cores (ViT-B-32
@@ -140,8 +141,7 @@ def iter_batches(plan: MergePlan, backend: Backend, batches: list, desc: str, pr
     """
     args = (backend.compute_dtype, backend.device, factors)
     total = sum(_task_bytes(plan, b) for b in batches)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True,
-               disable=(None if progress is None else not progress))
+    bar = (world or World()).progress(total, desc, progress)
     reads_files = any(c.reads_files for c in (plan.base, *plan.tasks))
     with reuse_freed_memory():
         loads = _read_ahead(plan, batches, args) if reads_files else (load_batch(plan, b, *args) for b in batches)
@@ -171,18 +171,19 @@ def _read_ahead(plan: MergePlan, batches: list, args):
 
 
 def run_merge(plan: MergePlan, method: Method, backend: Backend, *, outputs: list, options: dict,
-              out_dtype=None, progress: bool | None = None, updates: bool = False) -> dict:
+              out_dtype=None, progress: bool | None = None, updates: bool = False, world: World | None = None) -> dict:
     """Compute every batch's update once and hand each output tensor to the `write(name, tensor)`
     of every (alpha, write) in `outputs`: one output per alpha, each made exactly as a merge with
     that alpha alone would make it.
 
-    Returns per-tensor report entries. `out_dtype=None` keeps each base tensor's dtype. With
+    Returns per-tensor report entries of the plan's batches (this rank's share, in a
+    distributed run: `world` only feeds the progress bar). `out_dtype=None` keeps each base tensor's dtype. With
     `updates`, `write` gets each tensor's update alpha * Delta instead of the merged tensor: the
     factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
     """
     entries = {}
     factors = not (method.dense or options.get("dare"))     # DARE and masks need every task vector dense
-    for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress, factors):
+    for loaded in iter_batches(plan, backend, plan.batches, f"merge[{method.name}]", progress, factors, world):
         batch = loaded.batch
         start = time.perf_counter()
         apply_steps_(loaded, backend.seed, options)      # in place, once: the non-finite check re-runs the method only

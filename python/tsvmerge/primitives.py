@@ -165,9 +165,18 @@ def range_basis(y: torch.Tensor, floor: torch.Tensor | None = None, eigh=sym_eig
 
 def lowrank_apply(base: torch.Tensor, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor,
                   alpha: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """cast(theta_0 + alpha * U diag(s) V^T): base [L, m, n], u [L, m, K], s [L, K], v [L, n, K]."""
+    """cast(theta_0 + alpha * U diag(s) V^T): base [L, m, n], u [L, m, K], s [L, K], v [L, n, K].
+
+    On the CPU one matrix at a time, each copied to fresh memory: MKL rounds a GEMM differently
+    by its operands' alignment (seen in fp64 on AVX-512 at 37 x 23), and a tensor must come out
+    the same in any batch (`apply` makes one tensor at a time what `merge` made in a batch)."""
     us = (upcast(u) * upcast(s).unsqueeze(-2)).reshape(-1, *u.shape[-2:])
-    out = torch.baddbmm(upcast(base).reshape(-1, *base.shape[-2:]), us, upcast(v).reshape(-1, *v.shape[-2:]).mT, alpha=alpha)
+    b, v = upcast(base).reshape(-1, *base.shape[-2:]), upcast(v).reshape(-1, *v.shape[-2:])
+    if b.is_cuda:
+        out = torch.baddbmm(b, us, v.mT, alpha=alpha)
+    else:
+        out = torch.cat([torch.baddbmm(b[i:i + 1].clone(), us[i:i + 1].clone(), v[i:i + 1].clone().mT, alpha=alpha)
+                         for i in range(b.shape[0])])
     return out.reshape(base.shape).to(out_dtype)
 
 

@@ -24,9 +24,11 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
-def handled(prog: str):
+def handled(prog: str, ignore_after: tuple = ()):
     """The command line's handlers: the first stopping signal raises `Interrupted`; later ones
-    only say that cleanup is under way (a second Ctrl-C must not break the cleanup itself)."""
+    only say that cleanup is under way (a second Ctrl-C must not break the cleanup itself).
+    The signals `ignore_after` are ignored once the block is left, the others restored: a rank
+    of a distributed run that has its exit code keeps it when torchrun stops the job."""
     if not _main_thread():
         yield
         return
@@ -46,7 +48,7 @@ def handled(prog: str):
     try:
         yield
     finally:
-        _restore(previous)
+        _restore({s: signal.SIG_IGN if s in ignore_after else h for s, h in previous.items()})
 
 
 def _restore(previous: dict) -> None:

@@ -13,13 +13,14 @@ import torch
 from . import __version__
 from .api import DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, _path_of, exclusions, input_warnings, make_backend, \
     open_inputs, parse_dtype
+from .distributed import World, join
 from .engine import iter_batches
 from .io import CompressedTask, InputError, Output, TensorInfo, claim, file_writer, input_paths, model_writer
 from .io.checkpoint import Checkpoint, DictCheckpoint
 from .io.lora_writer import adapter_writer
 from .io.model_files import carry_model_files
 from .io import tsvc_file
-from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge
+from .plan import COPY, DEFAULT_BATCH_BYTES, SPECTRAL, plan_merge, share_of, split_by_cost
 
 
 def compression_rank(shape, rank) -> int:
@@ -64,39 +65,50 @@ def compressed_path(out, task) -> str:
 def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False, exclude=(),
              preset: str | None = None, backend: str = "reference", device: str = "cpu", compute_dtype="float32",
              seed: int = 0, batch_bytes: int = DEFAULT_BATCH_BYTES, progress: bool | None = None,
-             trust_pickle: bool = False, **options):
+             trust_pickle: bool = False, distributed: bool = False, **options):
     """TSV-C: store one task vector as top-`rank` factors per spectral tensor, dense elsewhere.
 
     With `out` (a .safetensors path, or a folder: see `compressed_path`) writes the file and
     returns its report (`report["out"]` is the file); without, returns an in-memory
     `CompressedTask` (usable wherever a task is accepted). Tensors where a factorisation
-    would not save space are stored dense.
+    would not save space are stored dense. `distributed=True` under torchrun: one compression
+    across the processes, each writing its tensors into the one file (`tsvmerge.distributed`).
     """
-    compression_rank((1 << 62, 1 << 62), rank)          # a bad rank fails before any work
-    be = make_backend(backend, device, compute_dtype, seed, options)
-    target = None
-    if out is not None:
-        target = claim(compressed_path(out, finetuned_one), folder=False, overwrite=overwrite,
-                       inputs=input_paths([base, finetuned_one]))
-    base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
-    if isinstance(task, CompressedTask):
-        raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
-    if task.is_delta:
-        raise InputError(task.source, None, "is a LoRA adapter, a task vector stored low-rank already: merge it "
-                         "as it is, or compress a model it was merged into")
-    warned = input_warnings(base_ckpt, [task])
-    plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
-                      exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
+    world, device = join(device) if distributed else (World(), device)
+
+    def planned():
+        compression_rank((1 << 62, 1 << 62), rank)          # a bad rank fails before any work
+        be = make_backend(backend, device, compute_dtype, seed, options)
+        if world.size > 1 and out is None:
+            raise ValueError("a compression across processes writes a file: give out (-o)")
+        target = None
+        if out is not None and world.main:
+            target = claim(compressed_path(out, finetuned_one), folder=False, overwrite=overwrite,
+                           inputs=input_paths([base, finetuned_one]))
+        base_ckpt, (task,) = open_inputs(base, [finetuned_one], trust_pickle)
+        if isinstance(task, CompressedTask):
+            raise InputError(task.source, None, "is already a TSV-C file: pass the fine-tuned checkpoint")
+        if task.is_delta:
+            raise InputError(task.source, None, "is a LoRA adapter, a task vector stored low-rank already: merge it "
+                             "as it is, or compress a model it was merged into")
+        warned = input_warnings(base_ckpt, [task])
+        plan = plan_merge(base_ckpt, [task], spectral_rank=functools.partial(stored_rank, rank=rank),
+                          exclude=exclusions(exclude, preset), batch_bytes=batch_bytes)
+        return be, target, base_ckpt, task, warned, plan
+
+    be, target, base_ckpt, task, warned, plan = world.agree(planned)
     stored = task.infos()
     layout = tsvc_file.layout({n: (stored[n], tp.k) for n, tp in plan.tensors.items()})
     factored = {n: tp.info.shape for n, tp in plan.tensors.items() if tp.path == SPECTRAL}
     meta = tsvc_file.metadata(__version__, rank, factored, base_ckpt.fingerprint())
-    entries = {}
+    mine = share_of(plan, split_by_cost(plan, plan.batches, world.size)[world.rank]) if world.size > 1 else plan
 
     def run(write):
-        for loaded in iter_batches(plan, be, plan.batches, "compress", progress):
+        entries = {}
+        for loaded in iter_batches(mine, be, mine.batches, "compress", progress, world=world):
             _compress_batch(loaded, plan, be, task, write, entries)
-        return {**_compress_report(entries, meta), "warnings": warned}
+        entries = {n: e for part in world.gather(entries) for n, e in part.items()}
+        return {**_compress_report({n: entries[n] for n in plan.tensors}, meta), "warnings": warned}
 
     if out is None:
         tensors = {}
@@ -104,9 +116,10 @@ def compress(base, finetuned_one, *, rank=0.1, out=None, overwrite: bool = False
         result = CompressedTask(DictCheckpoint(tensors, source="<compressed>"), meta)
         result.report = report
         return result
-    with file_writer(target, layout, meta) as writer:
+    writes = tsvc_file.layout({n: (stored[n], tp.k) for n, tp in mine.tensors.items()})
+    with file_writer(target, layout, meta, world=world, writes=writes) as writer:
         report = run(writer.write)
-    return {**report, "out": target.path}
+    return {**report, "out": world.broadcast(target and target.path)}
 
 
 def _compress_batch(loaded, plan, be, task, write, entries):

@@ -3,7 +3,7 @@
 `claim` checks an output path when a run starts: refused if it is, contains or lies inside an
 input; refused if something is there and overwrite was not asked (an empty folder excepted);
 otherwise what is there is remembered (device, inode, mtime). `publishing` writes a run's
-outputs under `.NAME.tmp-PID-RANDOM` beside their targets and publishes them at the end, all
+outputs under `.NAME.tmp-PID-HOST-RANDOM` beside their targets and publishes them at the end, all
 or none:
 - a new output by a rename that cannot replace: renameat2(RENAME_NOREPLACE) on Linux (glibc
   >= 2.28, through ctypes); where it is missing, `os.link` for a file and, for a folder, an
@@ -11,10 +11,12 @@ or none:
   folder;
 - over an old output (overwrite): exchanged with it (RENAME_EXCHANGE, or three renames where
   that is missing), then what came back is checked against what was seen at the start and
-  swapped back if it is anything else. Meanwhile it is named `.NAME.old-PID-RANDOM`, which no
+  swapped back if it is anything else. Meanwhile it is named `.NAME.old-PID-HOST-RANDOM`, which no
   later run removes, since until checked it may be someone else's.
-Umask applies (folders 0777, files 0666 before it). A temporary whose PID is dead is debris of
-a killed run; the next run on the same target removes it.
+Umask applies (folders 0777, files 0666 before it). A temporary of this host whose PID is dead
+is debris of a killed run; the next run on the same target removes it. A temporary of a live
+process, or of another host (a shared file system), is a run writing that output now: `claim`
+refuses the target while it is there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 from dataclasses import dataclass, field
 
 from ..warn import warn
@@ -34,6 +37,12 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
 _NAME_KEEP = 200        # of the target's name in a temporary's (a file name has 255 bytes at most)
+_HOST_KEEP = 24
+
+
+def host_tag() -> str:
+    """This machine's name as temporaries carry it: letters, digits and dots, at most 24."""
+    return re.sub(r"[^A-Za-z0-9.]", "", socket.gethostname())[:_HOST_KEEP] or "host"
 
 
 class OutputError(Exception):
@@ -191,23 +200,31 @@ class Output:
 
     def _sibling(self, kind: str) -> str:
         parent, name = os.path.split(self.path)
-        return os.path.join(parent, f".{name[:_NAME_KEEP]}.{kind}-{os.getpid()}-{secrets.token_hex(4)}")
+        return os.path.join(parent, f".{name[:_NAME_KEEP]}.{kind}-{os.getpid()}-{host_tag()}-{secrets.token_hex(4)}")
 
-    def remove_debris(self, inputs=()) -> None:
+    def remove_debris(self, inputs=()) -> list[tuple[str, str, str]]:
         """Remove temporaries of this target whose process is gone (killed runs); only ours:
-        the name pattern, a PID that is not alive, and not an input of this run."""
+        the name pattern, this host, a PID that is not alive, and not an input of this run.
+        Returns the others, (path, process, host): runs writing this target now."""
         parent, name = os.path.split(self.path)
-        ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.tmp-(\d+)-[0-9a-f]{{8}}")
+        ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.tmp-(\d+)-([A-Za-z0-9.]+)-[0-9a-f]{{8}}")
         try:
             entries = os.listdir(parent)
         except OSError:
-            return
+            return []
+        running = []
         for entry in entries:
             m = ours.fullmatch(entry)
-            if m and not _alive(int(m.group(1))) and os.path.realpath(os.path.join(parent, entry)) not in inputs:
-                with contextlib.suppress(FileNotFoundError):
-                    _remove(os.path.join(parent, entry))
-                warn(f"removed {os.path.join(parent, entry)}, left by a run that was killed (process {m.group(1)})")
+            path = os.path.join(parent, entry)
+            if not m or os.path.realpath(path) in inputs:
+                continue
+            if m.group(2) != host_tag() or _alive(int(m.group(1))):
+                running.append((path, m.group(1), m.group(2)))
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                _remove(path)
+            warn(f"removed {path}, left by a run that was killed (process {m.group(1)})")
+        return running
 
     def begin(self) -> None:
         for parent in _missing_parents(os.path.dirname(self.path)):
@@ -279,7 +296,8 @@ class Output:
             return False
         f = os.path.abspath(os.fsdecode(filename))
         parent, name = os.path.split(self.path)
-        ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.(tmp|old)-{os.getpid()}-[0-9a-f]{{8}}")
+        here = rf"{os.getpid()}-{re.escape(host_tag())}"
+        ours = re.compile(rf"\.{re.escape(name[:_NAME_KEEP])}\.(tmp|old)-{here}-[0-9a-f]{{8}}")
         inside = os.path.relpath(f, parent).split(os.sep)[0] if _within(f, parent) else ""
         return bool(ours.fullmatch(inside)) or _within(self.path, f)
 
@@ -294,8 +312,8 @@ def _missing_parents(folder: str) -> list[str]:
 
 
 def claim(path, *, folder: bool, overwrite: bool = False, inputs=()) -> Output:
-    """Check an output path when a run starts (see the module's doc), and remove debris of
-    killed runs on it."""
+    """Check an output path when a run starts (see the module's doc), remove debris of killed
+    runs on it, and refuse it while another run writes it."""
     path = os.path.abspath(os.fspath(path))
     if path == os.path.dirname(path):
         raise OutputError(path, "is the root folder: choose an output path")
@@ -318,7 +336,11 @@ def claim(path, *, folder: bool, overwrite: bool = False, inputs=()) -> Output:
             raise OutputError(path, "already exists: pass --overwrite to replace it, or choose another path")
         seen = (st.st_dev, st.st_ino, st.st_mtime_ns)
     out = Output(path, folder, seen)
-    out.remove_debris(inputs)
+    for tmp, pid, host in out.remove_debris(inputs):
+        here = host == host_tag()
+        raise OutputError(path, f"another run is writing it now (process {pid}{'' if here else ' on host ' + host}): "
+                          "wait for it to finish, or choose another path"
+                          + ("" if here else f"; if no run is going on there, remove {tmp}"))
     return out
 
 

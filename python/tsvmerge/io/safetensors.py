@@ -169,9 +169,14 @@ def _header_bytes(layout: dict, metadata: dict | None) -> bytes:
 
 
 class SafetensorsWriter:
-    """Writes a file whose tensor list is known up front, one tensor at a time, in any order."""
+    """Writes a file whose tensor list is known up front, one tensor at a time, in any order.
 
-    def __init__(self, path: str, infos: dict[str, TensorInfo], metadata: dict | None = None):
+    Several processes may write one file: one creates it, the others open it with
+    `create=False` (after it is created); each names the tensors it `writes` (default all),
+    and each writes its own tensors at their offsets."""
+
+    def __init__(self, path: str, infos: dict[str, TensorInfo], metadata: dict | None = None, *,
+                 create: bool = True, writes=None):
         self.path = path
         layout, self._offsets, pos = {}, {}, 0
         for name, info in infos.items():
@@ -183,7 +188,11 @@ class SafetensorsWriter:
             pos += info.nbytes
         header = _header_bytes(layout, metadata)
         self._start = 8 + len(header)
-        self._pending = set(infos)
+        self._pending = set(infos if writes is None else writes)
+        if not create:
+            with naming(path):
+                self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            return
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         try:
             with naming(path):

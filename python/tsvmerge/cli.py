@@ -396,7 +396,7 @@ def _run(prog: str, command, debug: bool) -> int:
     come from rank 0 only, an error from the rank that found it, and the other ranks stop
     with its exit code, silently (`distributed.Stopped`)."""
     ignore_after = ()
-    if launched():      # decided: the SIGTERM torchrun sends the ranks still running must not change the exit code
+    if launched():      # decided: torchrun's SIGTERM to the ranks still running must not change the exit code
         prog, ignore_after = f"{prog} [rank {env_rank()}]", (signal.SIGTERM,)
 
     def error(message: str, e: BaseException) -> int:

@@ -54,7 +54,9 @@ def launched() -> bool:
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank under torchrun, 0 otherwise (a RANK left in the environment by
+    something else does not count)."""
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 @dataclass

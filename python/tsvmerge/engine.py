@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from .backends import Backend, TaskSVD
 from .distributed import World
 from .heap import reuse_freed_memory
@@ -177,8 +178,9 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, outputs: lis
     that alpha alone would make it.
 
     Returns per-tensor report entries of the plan's batches (this rank's share, in a
-    distributed run: `world` only feeds the progress bar). `out_dtype=None` keeps each base tensor's dtype. With
-    `updates`, `write` gets each tensor's update alpha * Delta instead of the merged tensor: the
+    distributed run: `world` only feeds the progress bar). `out_dtype=None` keeps each base
+    tensor's dtype. With `updates`, `write` gets each tensor's update alpha * Delta instead of
+    the merged tensor: the
     factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
     """
     entries = {}

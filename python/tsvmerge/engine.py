@@ -180,8 +180,8 @@ def run_merge(plan: MergePlan, method: Method, backend: Backend, *, outputs: lis
     Returns per-tensor report entries of the plan's batches (this rank's share, in a
     distributed run: `world` only feeds the progress bar). `out_dtype=None` keeps each base
     tensor's dtype. With `updates`, `write` gets each tensor's update alpha * Delta instead of
-    the merged tensor: the
-    factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one, or None (copied).
+    the merged tensor: the factors (u [m, K], s [K], v [n, K]) of a low-rank one, a dense one,
+    or None (copied).
     """
     entries = {}
     factors = not (method.dense or options.get("dare"))     # DARE and masks need every task vector dense

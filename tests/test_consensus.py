@@ -20,8 +20,7 @@ import tsvmerge
 from tsvmerge.cli import main
 
 from conftest import ODD_SHAPES, cli_zoo, random_zoo
-from paper_tsv import paper_tsv_merge
-from test_merge_math import rel, truncation_gap
+from test_merge_math import assert_is_paper_tsv, rel
 
 FLOATS = [n for n in ODD_SHAPES if not n.endswith("num_batches_tracked")]
 
@@ -69,10 +68,7 @@ def test_consensus_tsv_is_tsv_of_the_masked_task_vectors(seed, T):
         mask, taus = consensus(base, tasks, n, 0.4, 2)
         for t in range(T):
             masked[t][n] = base[n] + mask * taus[t]
-    ref = paper_tsv_merge(base, masked)
-    for n in FLOATS:
-        bound = max(1e-10, 8 * torch.finfo(torch.float64).eps / truncation_gap(base, masked, n))
-        assert rel(out[n] - base[n], ref[n] - base[n]) <= bound, n
+    assert_is_paper_tsv(out, base, masked, FLOATS)
 
 
 @pytest.mark.parametrize("method,options,tol", [

@@ -17,8 +17,7 @@ from tsvmerge.cli import main
 from tsvmerge.io import save_file
 
 from conftest import ODD_SHAPES, cli_zoo, random_zoo
-from paper_tsv import paper_tsv_merge
-from test_merge_math import rel, truncation_gap
+from test_merge_math import assert_is_paper_tsv, rel
 
 
 def keep(seed: int, name: str, task: int, shape, p: float) -> torch.Tensor:
@@ -87,11 +86,7 @@ def test_dare_then_tsv_is_the_paper(seed, T):
     base, tasks = random_zoo(seed, T, ODD_SHAPES, torch.float64)
     out = tsvmerge.merge(base, tasks, method="tsv", dare=0.5, seed=seed, backend="reference",
                          compute_dtype="float64", preset="clip")
-    ref_tasks = dared(base, tasks, 0.5, seed)
-    ref = paper_tsv_merge(base, ref_tasks)
-    for n in FLOATS:
-        bound = max(1e-10, 8 * torch.finfo(torch.float64).eps / truncation_gap(base, ref_tasks, n))
-        assert rel(out[n] - base[n], ref[n] - base[n]) <= bound, n
+    assert_is_paper_tsv(out, base, dared(base, tasks, 0.5, seed), FLOATS)
 
 
 @pytest.mark.parametrize("method,options,tol", [

@@ -29,6 +29,15 @@ def test_reference_matches_paper(seed, T, dtype, tol):
             assert torch.equal(ours[name], base[name])
 
 
+def assert_is_paper_tsv(out, base, tasks, names, alpha=1.0):
+    """A float64 merge `out` is the paper's TSV-M of `tasks` (paper_tsv) on `names`, its update
+    within the rounding the truncation gap allows."""
+    ref = paper_tsv_merge(base, tasks, alpha=alpha)
+    for n in names:
+        bound = max(1e-10, 8 * torch.finfo(torch.float64).eps / truncation_gap(base, tasks, n))
+        assert rel(out[n] - base[n], ref[n] - base[n]) <= bound, n
+
+
 def truncation_gap(base, tasks, name):
     """min over tasks of (s_k - s_k+1) / s_1 at k = r/T: the top-k factors are determined
     only to about eps / gap, and random inputs sometimes have tiny gaps (seen: 1.8e-4,

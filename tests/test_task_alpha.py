@@ -12,9 +12,8 @@ from tsvmerge.cli import main
 from tsvmerge.io import open_checkpoint, save_file
 
 from conftest import ODD_SHAPES, cli_zoo, random_zoo
-from paper_tsv import paper_tsv_merge
 from test_dare import ties_by_hand
-from test_merge_math import rel, truncation_gap
+from test_merge_math import assert_is_paper_tsv, rel
 
 FLOATS = [n for n in ODD_SHAPES if not n.endswith("num_batches_tracked")]
 
@@ -31,10 +30,7 @@ def test_tsv_is_tsv_of_the_scaled_task_vectors(seed, alphas):
     run = lambda **kw: tsvmerge.merge(base, tasks, backend="reference", compute_dtype="float64", preset="clip", **kw)
     ref_tasks = scaled(base, tasks, alphas)
     for out, alpha in ((run(alpha=alphas), 1.0), (run(task_alpha=alphas, alpha=0.6), 0.6)):
-        ref = paper_tsv_merge(base, ref_tasks, alpha=alpha)
-        for n in FLOATS:
-            bound = max(1e-10, 8 * torch.finfo(torch.float64).eps / truncation_gap(base, ref_tasks, n))
-            assert rel(out[n] - base[n], ref[n] - base[n]) <= bound, n
+        assert_is_paper_tsv(out, base, ref_tasks, FLOATS, alpha=alpha)
 
 
 def test_alpha_0_is_a_zero_task_vector(seed):
